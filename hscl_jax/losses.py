@@ -1,0 +1,678 @@
+"""Contrastive loss kernels: UCL (SimCLR), SCL, H-UCL, H-SCL and SupCon.
+
+Every loss takes the L2-normalised projections of two views, ``z1`` and ``z2`` of shape
+``(B, d)`` (row ``i`` of each is the same image), and returns a scalar. The 2B views are ordered
+view 1 of every image first, then view 2, so view ``i`` and view ``i + B`` are partners.
+
+The tilted family (UCL, SCL, H-UCL, H-SCL) shares one shape, per anchor ``i`` and positive ``j``::
+
+    log_mu(i) = LSE_k((beta + 1) s_ik) - LSE_k(beta s_ik)      # k over the anchor's negatives
+    l_ij      = softplus(log Q + log_mu(i) - s_ij)              # Q = 2B - 2, fixed
+
+with ``s = z z^T / temperature``. SCL and H-SCL draw negatives from other classes only; UCL and
+H-UCL from every view but the anchor and its partner. ``beta = 0`` is the untilted loss.
+
+How the kernels are built:
+
+* A per-anchor kernel (one anchor's row of similarities and its positive/negative masks in,
+  running log-sum-exp statistics out) is ``jax.vmap``-ed over anchors; the batch-level code only
+  builds masks and reduces. Everything is in log space and accumulated in float32 (float64 for
+  float64 inputs), also for bfloat16 inputs.
+* Anchors with no positive or no negative are left out of the mean, never NaN. A batch with no
+  valid anchor at all returns 0; ``return_aux=True`` returns ``(loss, LossAux)`` whose
+  ``num_anchors`` says how many anchors entered the mean (0 in that case).
+* ``axis_name``: inside ``jax.pmap(..., axis_name=...)`` each device's anchors are contrasted
+  with the whole global batch (projections and labels all-gathered). Every device returns the
+  global loss, and the gradient a device gets for its own ``z1, z2`` is its slice of the gradient
+  of the global loss on the concatenated batch. Parameter gradients must therefore be *summed*
+  over devices.
+* ``block_size``: the same loss, values and gradients, computed over ``block_size x block_size``
+  tiles of the similarity matrix with running log-sum-exp accumulators. The (2B x 2B) matrix is
+  never materialised; tiles are recomputed in the backward pass (``jax.checkpoint``).
+
+Hyper-parameters (``beta``, ``temperature``, ``tau_plus``, ...) are Python numbers: they are
+validated eagerly and fixed at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+LOSS_NAMES = ("ucl", "scl", "hucl", "hscl", "supcon")
+POSITIVES = ("all", "partner")
+
+Array = jax.Array
+
+
+class LossAux(NamedTuple):
+    """Batch statistics returned next to the loss by ``return_aux=True`` (global under pmap).
+
+    Attributes:
+      num_anchors: anchors that entered the mean (at least one positive and one negative).
+      num_pairs: (anchor, positive) pairs that entered the mean.
+      mean_pos_cos: mean cosine similarity of those pairs.
+      mean_neg_cos: mean cosine similarity of (valid anchor, negative) pairs; for SupCon the
+        negatives are the other-class views.
+      effective_negatives: mean over valid anchors of the effective number of negatives under the
+        tilt, ``(sum_k w_k)^2 / sum_k w_k^2`` with ``w_k = exp(beta s_ik)``; the plain count of
+        negatives when ``beta = 0``.
+    """
+
+    num_anchors: Array
+    num_pairs: Array
+    mean_pos_cos: Array
+    mean_neg_cos: Array
+    effective_negatives: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static description of one loss: which views are negatives, positives, and the estimator.
+
+    Only structure lives here; the values of beta, temperature and tau_plus are traced
+    (``_Hyper``), so sweeping them does not recompile.
+    """
+
+    family: str  # "tilted" (UCL/SCL/H-UCL/H-SCL) or "supcon"
+    negatives: str  # "other_class" | "other_views" (not self, not partner) | "not_self"
+    positives: str  # "all" | "partner"
+    tilted: bool = False  # beta > 0
+    detach_weights: bool = False
+    debiased: bool = False  # tau_plus > 0
+    clamp: bool = False
+    with_aux: bool = False
+
+
+class _Hyper(NamedTuple):
+    beta: Any
+    temperature: Any
+    tau_plus: Any
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high=None) -> float:
+    allowed = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number {allowed}, got {value!r}")
+    value = float(value)
+    too_low = value < low if low_inclusive else value <= low
+    if not math.isfinite(value) or too_low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+    return value
+
+
+def _check_inputs(z1, z2, labels, block_size) -> None:
+    z1_shape, z2_shape = jnp.shape(z1), jnp.shape(z2)
+    if len(z1_shape) != 2 or z1_shape != z2_shape:
+        raise ValueError(
+            f"z1 and z2 must both have shape (batch, dim), got {z1_shape} and {z2_shape}"
+        )
+    if z1_shape[0] < 1:
+        raise ValueError(f"the batch must hold at least one image, got shape {z1_shape}")
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not jnp.issubdtype(jnp.result_type(z), jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {jnp.result_type(z)}")
+    if labels is not None:
+        if jnp.shape(labels) != (z1_shape[0],):
+            raise ValueError(
+                f"labels must have shape ({z1_shape[0]},) to match z1, got {jnp.shape(labels)}"
+            )
+        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+            raise ValueError(
+                f"labels must be integers, got dtype {jnp.result_type(labels)}; "
+                "cast class ids with labels.astype(jnp.int32)"
+            )
+    if block_size is not None and (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, numbers.Integral)
+        or block_size < 1
+    ):
+        raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}")
+
+
+def _check_positives(positives: Any) -> str:
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    return positives
+
+
+# ----------------------------------------------------------------------------- per-anchor kernel
+
+
+def _masked_lse_update(run_max, run_sum, x, mask):
+    """Folds the masked entries of one row block ``x`` into a running log-sum-exp."""
+    x = jnp.where(mask, x, -jnp.inf)
+    # The shift is a constant for autodiff: LSE's gradient does not depend on it.
+    new_max = jnp.maximum(run_max, lax.stop_gradient(jnp.max(x)))
+    shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    new_sum = run_sum * jnp.exp(run_max - shift) + jnp.sum(jnp.exp(x - shift))
+    return new_max, new_sum
+
+
+def _lse_value(run_max, run_sum):
+    """log(sum) of a running accumulator; -inf for an empty one, with finite gradients."""
+    nonempty = run_sum > 0
+    return jnp.where(nonempty, run_max + jnp.log(jnp.where(nonempty, run_sum, 1.0)), -jnp.inf)
+
+
+class _AnchorKernel:
+    """Per-anchor computations on one row of the similarity matrix; vmapped over anchors."""
+
+    def __init__(self, spec: _Spec, hyper: _Hyper):
+        self.spec, self.hyper = spec, hyper
+        self.tilted = spec.tilted
+
+    def init(self, dtype) -> dict[str, Array]:
+        zero, neg_inf = jnp.zeros((), dtype), jnp.full((), -jnp.inf, dtype)
+        state = {"hi_max": neg_inf, "hi_sum": zero, "n_neg": zero, "n_pos": zero}
+        if self.tilted:
+            state.update(lo_max=neg_inf, lo_sum=zero)
+        if self.spec.family == "supcon" or self.spec.with_aux:
+            state["pos_s_sum"] = zero
+        if self.spec.with_aux:
+            state.update(neg_s_sum=zero, n_neg_aux=zero)
+            if self.tilted:
+                state.update(sq_max=neg_inf, sq_sum=zero)
+        return state
+
+    def accumulate(self, state, s_row, pos_row, neg_row, aux_neg_row):
+        """Folds one block of one anchor's similarities into its running statistics.
+
+        ``neg_row`` marks the views in the log-sum-exp (the negatives; SupCon's contrast set),
+        ``pos_row`` the positives, ``aux_neg_row`` the negatives reported in LossAux.
+        """
+        spec, state = self.spec, dict(state)
+        beta = self.hyper.beta
+        if self.tilted:
+            # detach_weights: LSE(s + stop_gradient(beta s)) has the value of LSE((beta+1) s) and
+            # the gradient that holds the importance weights exp(beta s) constant.
+            hi = s_row + beta * (lax.stop_gradient(s_row) if spec.detach_weights else s_row)
+            lo = beta * s_row
+            state["lo_max"], state["lo_sum"] = _masked_lse_update(
+                state["lo_max"], state["lo_sum"], lo, neg_row
+            )
+        else:
+            hi = s_row
+        state["hi_max"], state["hi_sum"] = _masked_lse_update(
+            state["hi_max"], state["hi_sum"], hi, neg_row
+        )
+        state["n_neg"] = state["n_neg"] + jnp.sum(neg_row, dtype=s_row.dtype)
+        state["n_pos"] = state["n_pos"] + jnp.sum(pos_row, dtype=s_row.dtype)
+        if "pos_s_sum" in state:
+            state["pos_s_sum"] = state["pos_s_sum"] + jnp.sum(jnp.where(pos_row, s_row, 0.0))
+        if spec.with_aux:
+            s_const = lax.stop_gradient(s_row)
+            state["neg_s_sum"] = state["neg_s_sum"] + jnp.sum(jnp.where(aux_neg_row, s_const, 0.0))
+            state["n_neg_aux"] = state["n_neg_aux"] + jnp.sum(aux_neg_row, dtype=s_row.dtype)
+            if self.tilted:
+                state["sq_max"], state["sq_sum"] = _masked_lse_update(
+                    state["sq_max"], state["sq_sum"], 2.0 * beta * s_const, neg_row
+                )
+        return state
+
+    def log_mu(self, state, valid):
+        """log of the (tilted) mean of exp(s) over the negatives; 0 where the anchor is invalid."""
+        lse_hi = _lse_value(state["hi_max"], state["hi_sum"])
+        if self.tilted:
+            lse_lo = _lse_value(state["lo_max"], state["lo_sum"])
+            if self.spec.detach_weights:
+                lse_lo = lax.stop_gradient(lse_lo)
+        else:
+            lse_lo = jnp.log(jnp.maximum(state["n_neg"], 1.0))
+        return jnp.where(valid, jnp.where(valid, lse_hi, 0.0) - jnp.where(valid, lse_lo, 0.0), 0.0)
+
+    def tilted_offset(self, state, s_partner, log_q, valid):
+        """The anchor's constant c in l_ij = softplus(c - s_ij), for the SCL / H-SCL estimators."""
+        return log_q + self.log_mu(state, valid)
+
+    def hucl_loss(self, state, s_partner, log_q, valid):
+        """Robinson et al.'s debiased H-UCL term for one anchor and its partner."""
+        spec = self.spec
+        log_mu = self.log_mu(state, valid)
+        tau = self.hyper.tau_plus
+        if not spec.debiased:
+            log_ng = log_q + log_mu
+        else:
+            # Ng = Q (mu - tau exp(s_p)) / (1 - tau). An estimate <= 0 is floored at 0 (a sum of
+            # positive terms cannot be negative): the reference would take the log of a
+            # non-positive number there.
+            d = s_partner - log_mu
+            ok = d < -jnp.log(tau)
+            d_safe = jnp.where(ok, d, 0.0)
+            log_ng = jnp.where(
+                ok, log_q - jnp.log1p(-tau) + log_mu + jnp.log1p(-tau * jnp.exp(d_safe)), -jnp.inf
+            )
+        if spec.clamp:
+            log_ng = jnp.maximum(log_ng, log_q - 1.0 / self.hyper.temperature)
+        return jax.nn.softplus(log_ng - s_partner)
+
+    def positive_sum(self, offset, s_row, pos_row):
+        """Sum over one block of an anchor's positives of softplus(offset - s_ij)."""
+        return jnp.sum(jnp.where(pos_row, jax.nn.softplus(offset - s_row), 0.0))
+
+
+# ----------------------------------------------------------------------------- batch level
+
+
+class _Views(NamedTuple):
+    """Embeddings with the metadata the masks need: global view index, label, padding flag."""
+
+    z: Array
+    index: Array
+    label: Array
+    real: Array  # False for rows added to pad the last block
+
+
+def _tile_masks(spec: _Spec, rows: _Views, partner_index: Array, cols: _Views):
+    same_label = rows.label[:, None] == cols.label[None, :]
+    not_self = rows.index[:, None] != cols.index[None, :]
+    real = rows.real[:, None] & cols.real[None, :]
+    other_class = ~same_label & real
+    if spec.positives == "partner":
+        pos = None  # the partner's similarity is computed directly
+    else:
+        pos = same_label & not_self & real
+    if spec.negatives == "other_class":
+        return pos, other_class, other_class
+    if spec.negatives == "other_views":
+        neg = not_self & (partner_index[:, None] != cols.index[None, :]) & real
+        return pos, neg, neg
+    # SupCon's contrast set holds the positives too; its reported negatives are the other classes.
+    return pos, not_self & real, other_class
+
+
+def _similarities(rows: _Views, cols: _Views, temperature, dtype) -> Array:
+    # bfloat16 inputs multiply natively and accumulate in float32.
+    s = jnp.matmul(rows.z, cols.z.T, preferred_element_type=dtype)
+    return s / temperature
+
+
+def _blocked(x: Array, block: int, fill) -> Array:
+    """Pads axis 0 of ``x`` to a whole number of blocks and splits it: (num_blocks, block, ...)."""
+    n = x.shape[0]
+    padded = -(-n // block) * block
+    x = jnp.pad(x, [(0, padded - n)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape((padded // block, block) + x.shape[1:])
+
+
+def _pad_blocks(views: _Views, block: int) -> _Views:
+    return _Views(
+        _blocked(views.z, block, 0),
+        _blocked(views.index, block, -1),
+        _blocked(views.label, block, 0),
+        _blocked(views.real, block, False),
+    )
+
+
+def _anchor_terms(
+    spec: _Spec,
+    hyper: _Hyper,
+    rows: _Views,
+    partner: Array,
+    s_partner: Array,
+    cols: _Views,
+    log_q: float,
+    block_size: int | None,
+    dtype,
+):
+    """Per-anchor loss sums and counts (and aux parts), summed over the anchors in ``rows``."""
+    kernel = _AnchorKernel(spec, hyper)
+    vaccumulate = jax.vmap(kernel.accumulate)
+    n_rows = rows.z.shape[0]
+
+    def stats_of_tile(state, col_tile: _Views):
+        s = _similarities(rows, col_tile, hyper.temperature, dtype)
+        pos, neg, other = _tile_masks(spec, rows, partner, col_tile)
+        if pos is None:
+            pos = jnp.zeros_like(neg)
+        return vaccumulate(state, s, pos, neg, other)
+
+    def positives_of_tile(offset, col_tile: _Views):
+        s = _similarities(rows, col_tile, hyper.temperature, dtype)
+        pos, _, _ = _tile_masks(spec, rows, partner, col_tile)
+        return jax.vmap(kernel.positive_sum)(offset, s, pos)
+
+    state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
+    if block_size is None:
+        state = stats_of_tile(state0, cols)
+    else:
+        col_tiles = _pad_blocks(cols, block_size)
+        body = jax.checkpoint(lambda st, tile: (stats_of_tile(st, tile), None))
+        state, _ = lax.scan(body, state0, col_tiles)
+
+    n_pos = state["n_pos"] if spec.positives == "all" else jnp.ones_like(state["n_neg"])
+    valid = rows.real & (n_pos > 0) & (state["n_neg"] > 0)
+
+    if spec.family == "supcon":
+        lse = _lse_value(state["hi_max"], state["hi_sum"])
+        mean_pos = state["pos_s_sum"] / jnp.maximum(n_pos, 1.0)
+        anchor_sum = jnp.where(valid, jnp.where(valid, lse, 0.0) - mean_pos, 0.0)
+        anchor_count = valid.astype(dtype)
+    elif spec.negatives == "other_views":  # UCL / H-UCL: Robinson's estimator, partner positive
+        loss = jax.vmap(kernel.hucl_loss, in_axes=(0, 0, None, 0))(state, s_partner, log_q, valid)
+        anchor_sum = jnp.where(valid, loss, 0.0)
+        anchor_count = valid.astype(dtype)
+    else:  # SCL / H-SCL
+        offset = jax.vmap(kernel.tilted_offset, in_axes=(0, 0, None, 0))(
+            state, s_partner, log_q, valid
+        )
+        if spec.positives == "partner":
+            pair_sum = jax.nn.softplus(offset - s_partner)
+        elif block_size is None:
+            pair_sum = positives_of_tile(offset, cols)
+        else:
+            body = jax.checkpoint(lambda acc, tile: (acc + positives_of_tile(offset, tile), None))
+            pair_sum, _ = lax.scan(body, jnp.zeros((n_rows,), dtype), col_tiles)
+        anchor_sum = jnp.where(valid, pair_sum, 0.0)
+        anchor_count = jnp.where(valid, n_pos, 0.0)
+
+    aux_parts = None
+    if spec.with_aux:
+        pos_s = state["pos_s_sum"] if spec.positives == "all" else s_partner
+        if kernel.tilted:
+            lse_w = _lse_value(state["lo_max"], state["lo_sum"])
+            lse_w2 = _lse_value(state["sq_max"], state["sq_sum"])
+            ess = jnp.exp(jnp.where(valid, 2.0 * lse_w - lse_w2, 0.0))
+        else:
+            ess = state["n_neg"]
+        aux_parts = {
+            "num_anchors": valid.astype(dtype),
+            "num_pairs": jnp.where(valid, n_pos, 0.0),
+            "pos_s_sum": jnp.where(valid, lax.stop_gradient(pos_s), 0.0),
+            "neg_s_sum": jnp.where(valid, state["neg_s_sum"], 0.0),
+            "n_neg": jnp.where(valid, state["n_neg_aux"], 0.0),
+            "ess": jnp.where(valid, lax.stop_gradient(ess), 0.0),
+        }
+        aux_parts = jax.tree.map(jnp.sum, aux_parts)
+    return jnp.sum(anchor_sum), jnp.sum(anchor_count), aux_parts
+
+
+@jax.named_call
+def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_size):
+    dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
+    hyper = _Hyper(*(jnp.asarray(h, dtype) for h in hyper))
+    b = z1.shape[0]
+    labels = jnp.zeros((b,), jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
+    if axis_name is None:
+        device, z1_all, z2_all, labels_all = 0, z1, z2, labels
+    else:
+        device = lax.axis_index(axis_name)
+        z1_all, z2_all, labels_all = (
+            lax.all_gather(x, axis_name, tiled=True) for x in (z1, z2, labels)
+        )
+    big_b = z1_all.shape[0]
+    n_views = 2 * big_b
+    local = device * b + jnp.arange(b)
+    rows = _Views(
+        jnp.concatenate([z1, z2]),
+        jnp.concatenate([local, local + big_b]),
+        jnp.concatenate([labels, labels]),
+        jnp.ones((2 * b,), bool),
+    )
+    partner = (rows.index + big_b) % n_views
+    cols = _Views(
+        jnp.concatenate([z1_all, z2_all]),
+        jnp.arange(n_views),
+        jnp.concatenate([labels_all, labels_all]),
+        jnp.ones((n_views,), bool),
+    )
+    z_rows32, z_partner32 = rows.z.astype(dtype), jnp.concatenate([z2, z1]).astype(dtype)
+    s_partner = jnp.sum(z_rows32 * z_partner32, axis=-1) / hyper.temperature
+    # Q = 2B - 2 over the global batch; log(0) for B = 1 leaves no valid anchor anyway.
+    log_q = math.log(max(n_views - 2, 1))
+
+    def terms(row_views: _Views, row_partner, row_s_partner):
+        return _anchor_terms(
+            spec, hyper, row_views, row_partner, row_s_partner, cols, log_q, block_size, dtype
+        )
+
+    if block_size is None:
+        total, count, aux_parts = terms(rows, partner, s_partner)
+    else:
+        row_tiles = _pad_blocks(rows, block_size)
+        partner_tiles = _blocked(partner, block_size, -1)
+        s_partner_tiles = _blocked(s_partner, block_size, 0)
+
+        @jax.checkpoint
+        def row_block(args):
+            tile, tile_partner, tile_s_partner = args
+            return terms(tile, tile_partner, tile_s_partner)
+
+        totals, counts, aux_parts = lax.map(row_block, (row_tiles, partner_tiles, s_partner_tiles))
+        total, count = jnp.sum(totals), jnp.sum(counts)
+        if aux_parts is not None:
+            aux_parts = jax.tree.map(jnp.sum, aux_parts)
+
+    if axis_name is None:
+        global_total, global_count = total, count
+    else:
+        global_total, global_count = lax.psum((total, count), axis_name)
+    denom = lax.stop_gradient(jnp.maximum(global_count, 1.0))
+    # The gradient flows through this device's own share only; the all_gather transposes into a
+    # sum over devices, so each device ends up with its slice of the global gradient.
+    local_loss = total / denom
+    loss = local_loss + lax.stop_gradient(global_total / denom - local_loss)
+    if not spec.with_aux:
+        return loss
+    if axis_name is not None:
+        aux_parts = lax.psum(aux_parts, axis_name)
+    aux_parts = lax.stop_gradient(aux_parts)
+    t = hyper.temperature
+    anchors = jnp.maximum(aux_parts["num_anchors"], 1.0)
+    aux = LossAux(
+        num_anchors=aux_parts["num_anchors"],
+        num_pairs=aux_parts["num_pairs"],
+        mean_pos_cos=t * aux_parts["pos_s_sum"] / jnp.maximum(aux_parts["num_pairs"], 1.0),
+        mean_neg_cos=t * aux_parts["neg_s_sum"] / jnp.maximum(aux_parts["n_neg"], 1.0),
+        effective_negatives=aux_parts["ess"] / anchors,
+    )
+    return loss, aux
+
+
+_contrastive_jit = jax.jit(_contrastive, static_argnums=(0, 5, 6))
+
+
+def _run(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_size):
+    _check_inputs(z1, z2, labels, block_size)
+    if axis_name is None:
+        return _contrastive_jit(spec, hyper, z1, z2, labels, None, block_size)
+    # Collectives need the enclosing pmap's trace; jit-in-pmap would inline anyway.
+    return _contrastive(spec, hyper, z1, z2, labels, axis_name, block_size)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def hscl(
+    z1,
+    z2,
+    labels,
+    *,
+    beta,
+    temperature=0.5,
+    positives="all",
+    detach_weights=False,
+    axis_name=None,
+    block_size=None,
+    return_aux=False,
+):
+    """H-SCL: supervised contrastive loss with hard negatives (SPEC.md, "The four losses").
+
+    Negatives are the other-class views, tilted towards the anchor by ``exp(beta * s)`` and
+    estimated by self-normalised importance sampling; ``beta = 0`` is SCL exactly.
+
+    Args:
+      z1, z2: (B, d) L2-normalised projections of the two views.
+      labels: (B,) integer class ids.
+      beta: hardness, >= 0.
+      temperature: t in s = z . z' / t, > 0 (the reference hard-codes 0.5).
+      positives: "all" (every other same-label view, the reference training script) or
+        "partner" (the other view only, the reference loss-comparison script).
+      detach_weights: hold the importance weights exp(beta s) constant in the backward pass;
+        same value, different gradient ("detached" in the golden file).
+      axis_name: pmap axis name; contrasts each device's anchors with the global batch.
+      block_size: compute over block_size x block_size tiles without the full matrix.
+      return_aux: also return a LossAux of batch statistics.
+
+    Returns:
+      The flat mean of l_ij over all valid (anchor, positive) pairs, or (loss, LossAux).
+    """
+    hyper = _Hyper(
+        beta=_check_number("beta", beta, low=0.0, low_inclusive=True),
+        temperature=_check_number("temperature", temperature, low=0.0, low_inclusive=False),
+        tau_plus=0.0,
+    )
+    spec = _Spec(
+        family="tilted",
+        negatives="other_class",
+        positives=_check_positives(positives),
+        tilted=hyper.beta > 0,
+        detach_weights=bool(detach_weights) and hyper.beta > 0,
+        with_aux=bool(return_aux),
+    )
+    return _run(spec, hyper, z1, z2, labels, axis_name, block_size)
+
+
+def scl(
+    z1,
+    z2,
+    labels,
+    *,
+    temperature=0.5,
+    positives="all",
+    axis_name=None,
+    block_size=None,
+    return_aux=False,
+):
+    """SCL: negatives drawn uniformly from the other classes; H-SCL at beta = 0."""
+    return hscl(
+        z1,
+        z2,
+        labels,
+        beta=0.0,
+        temperature=temperature,
+        positives=positives,
+        axis_name=axis_name,
+        block_size=block_size,
+        return_aux=return_aux,
+    )
+
+
+def hucl(
+    z1,
+    z2,
+    *,
+    beta,
+    temperature=0.5,
+    tau_plus=0.0,
+    clamp=False,
+    axis_name=None,
+    block_size=None,
+    return_aux=False,
+):
+    """H-UCL (Robinson et al. 2021): label-free hard negatives with debiasing.
+
+    Negatives are every view but the anchor and its partner; the partner is the only positive.
+    ``Ng = Q (mu_hat - tau_plus exp(s_partner)) / (1 - tau_plus)``, floored at 0 and, with
+    ``clamp=True``, clamped below at ``Q exp(-1/temperature)`` as in Robinson's code; the loss is
+    the mean over anchors of ``log(1 + Ng exp(-s_partner))``. ``tau_plus = 0`` without clamp is the
+    paper's comparison setting; Robinson's own default is ``tau_plus=0.1, clamp=True``.
+    """
+    hyper = _Hyper(
+        beta=_check_number("beta", beta, low=0.0, low_inclusive=True),
+        temperature=_check_number("temperature", temperature, low=0.0, low_inclusive=False),
+        tau_plus=_check_number("tau_plus", tau_plus, low=0.0, low_inclusive=True, high=1.0),
+    )
+    spec = _Spec(
+        family="tilted",
+        negatives="other_views",
+        positives="partner",
+        tilted=hyper.beta > 0,
+        debiased=hyper.tau_plus > 0,
+        clamp=bool(clamp),
+        with_aux=bool(return_aux),
+    )
+    return _run(spec, hyper, z1, z2, None, axis_name, block_size)
+
+
+def ucl(z1, z2, *, temperature=0.5, axis_name=None, block_size=None, return_aux=False):
+    """UCL: SimCLR's NT-Xent, mean over anchors of log(1 + sum_k exp(s_ik - s_i,partner))."""
+    return hucl(
+        z1,
+        z2,
+        beta=0.0,
+        temperature=temperature,
+        axis_name=axis_name,
+        block_size=block_size,
+        return_aux=return_aux,
+    )
+
+
+def supcon(z1, z2, labels, *, temperature=0.1, axis_name=None, block_size=None, return_aux=False):
+    """SupCon (Khosla et al. 2020, L_out), a different loss from SCL.
+
+    For anchor i with positives P(i) (every other same-label view) and contrast set A(i) (every
+    view but i, positives included)::
+
+        l_i = - 1/|P(i)| sum_{p in P(i)} (s_ip - LSE_{a in A(i)} s_ia)
+
+    averaged over the anchors that have a positive. Khosla's code also multiplies by
+    ``temperature / base_temperature``; that constant factor is left out here.
+    """
+    hyper = _Hyper(
+        beta=0.0,
+        temperature=_check_number("temperature", temperature, low=0.0, low_inclusive=False),
+        tau_plus=0.0,
+    )
+    spec = _Spec(family="supcon", negatives="not_self", positives="all", with_aux=bool(return_aux))
+    return _run(spec, hyper, z1, z2, labels, axis_name, block_size)
+
+
+_BY_NAME: dict[str, Callable[..., Any]] = {
+    "ucl": ucl,
+    "scl": scl,
+    "hucl": hucl,
+    "hscl": hscl,
+    "supcon": supcon,
+}
+_TAKES_LABELS = ("scl", "hscl", "supcon")
+
+
+def compute(name: str, z1, z2, labels=None, *, axis_name=None, **options):
+    """Dispatches to the loss called ``name`` (one of LOSS_NAMES) with its keyword options.
+
+    ``labels`` is ignored by the label-free losses (ucl, hucl). An option the loss does not take
+    raises ValueError naming it and the options allowed.
+    """
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
+    fn = _BY_NAME[name]
+    allowed = sorted(allowed_options(name))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"loss {name!r} does not take option(s) {unknown}; allowed: {allowed}")
+    if name in _TAKES_LABELS:
+        if labels is None:
+            raise ValueError(f"loss {name!r} needs labels, got None")
+        return fn(z1, z2, labels, axis_name=axis_name, **options)
+    return fn(z1, z2, axis_name=axis_name, **options)
+
+
+def allowed_options(name: str) -> tuple[str, ...]:
+    """Keyword options of loss ``name``, besides the embeddings, labels and axis_name."""
+    import inspect
+
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
+    params = inspect.signature(_BY_NAME[name]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "axis_name")
