@@ -30,8 +30,9 @@ How the kernels are built:
   tiles of the similarity matrix with running log-sum-exp accumulators. The (2B x 2B) matrix is
   never materialised; tiles are recomputed in the backward pass (``jax.checkpoint``).
 
-Hyper-parameters (``beta``, ``temperature``, ``tau_plus``, ...) are Python numbers: they are
-validated eagerly and fixed at trace time.
+Hyper-parameters (``beta``, ``temperature``, ``tau_plus``) are validated eagerly when they are
+concrete numbers and are traced into the compiled kernel, so sweeping them does not recompile; a
+traced value (``jax.vmap`` over ``beta``, say) is accepted unchecked.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 LOSS_NAMES = ("ucl", "scl", "hucl", "hscl", "supcon")
@@ -100,7 +102,12 @@ class _Hyper(NamedTuple):
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high=None) -> float:
+def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high=None):
+    """Validates a hyper-parameter; a traced value (e.g. under jax.vmap over beta) passes as is."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, jax.Array | np.ndarray) and value.shape == ():
+        value = value.item()
     allowed = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number {allowed}, got {value!r}")
@@ -138,6 +145,11 @@ def _check_inputs(z1, z2, labels, block_size) -> None:
         or block_size < 1
     ):
         raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}")
+
+
+def _maybe_positive(value) -> bool:
+    """Whether a hyper-parameter may be > 0: the general code path serves a traced value."""
+    return isinstance(value, jax.core.Tracer) or value > 0
 
 
 def _check_positives(positives: Any) -> str:
@@ -247,8 +259,8 @@ class _AnchorKernel:
             # positive terms cannot be negative): the reference would take the log of a
             # non-positive number there.
             d = s_partner - log_mu
-            ok = d < -jnp.log(tau)
-            d_safe = jnp.where(ok, d, 0.0)
+            ok = (tau == 0) | (d < -jnp.log(tau))
+            d_safe = jnp.where(ok & (tau > 0), d, 0.0)
             log_ng = jnp.where(
                 ok, log_q - jnp.log1p(-tau) + log_mu + jnp.log1p(-tau * jnp.exp(d_safe)), -jnp.inf
             )
@@ -536,8 +548,8 @@ def hscl(
         family="tilted",
         negatives="other_class",
         positives=_check_positives(positives),
-        tilted=hyper.beta > 0,
-        detach_weights=bool(detach_weights) and hyper.beta > 0,
+        tilted=_maybe_positive(hyper.beta),
+        detach_weights=bool(detach_weights) and _maybe_positive(hyper.beta),
         with_aux=bool(return_aux),
     )
     return _run(spec, hyper, z1, z2, labels, axis_name, block_size)
@@ -597,8 +609,8 @@ def hucl(
         family="tilted",
         negatives="other_views",
         positives="partner",
-        tilted=hyper.beta > 0,
-        debiased=hyper.tau_plus > 0,
+        tilted=_maybe_positive(hyper.beta),
+        debiased=_maybe_positive(hyper.tau_plus),
         clamp=bool(clamp),
         with_aux=bool(return_aux),
     )
