@@ -1,0 +1,88 @@
+"""`digits`: scikit-learn's bundled 8x8 handwritten digits as a real TFDS dataset, built offline.
+
+Importing this module imports tensorflow_datasets and registers the builder, so that
+`tfds.builder("digits", data_dir=...)` works like for any catalogue dataset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+# load_digits stores pixel intensities as integers 0..16.
+_DIGITS_MAX_INTENSITY = 16
+
+
+def digits_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Fixed stratified train/test split: indices into load_digits() for each split, sorted."""
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    test_parts = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        num_test = int(round(DIGITS_TEST_FRACTION * len(members)))
+        test_parts.append(rng.permutation(members)[:num_test])
+    test = np.sort(np.concatenate(test_parts))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return {"train": train, "test": test}
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits as uint8 images (n, 8, 8, 1) scaled to 0..255, and int64 labels (n,)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    scaled = np.rint(digits.images * (255.0 / _DIGITS_MAX_INTENSITY))
+    images = scaled.astype(np.uint8)[..., None]
+    return images, digits.target.astype(np.int64)
+
+
+class Digits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's optical recognition of handwritten digits (UCI), 10 classes, 8x8 grayscale."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Stratified 80/20 train/test split with seed 0."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=(
+                "The 1797 8x8 grayscale handwritten digits bundled with scikit-learn, intensities "
+                "0..16 rescaled to 0..255, split 80/20 per class with a fixed seed."
+            ),
+            features=tfds.features.FeaturesDict(
+                {
+                    # Raw uint8 tensors: PNG-encoding 1797 tiny images would double the build time.
+                    "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://archive.ics.uci.edu/dataset/80",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download: the data ships with scikit-learn.
+        images, labels = load_digits_arrays()
+        split_indices = digits_split_indices(labels)
+        return {
+            split: self._generate_examples(images, labels, indices)
+            for split, indices in split_indices.items()
+        }
+
+    def _generate_examples(self, images, labels, indices):
+        for index in indices:
+            # The key is the position in load_digits(), so every record traces back to its source.
+            yield int(index), {"image": images[index], "label": int(labels[index])}
+
+
+def prepare_digits(data_dir: str | None) -> Digits:
+    """Returns the digits builder for `data_dir`, building the dataset there first if needed."""
+    builder = Digits(data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP
+            )
+        )
+    return builder

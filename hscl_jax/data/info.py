@@ -1,0 +1,130 @@
+"""Per-dataset metadata, in one place (no TensorFlow import)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# The reference normalises every paper dataset (STL-10 included) with these CIFAR-10 statistics, as
+# the HCL / SimCLR-CIFAR code it descends from does.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+# Measured on the digits train split (pixel / 255, see tests/test_data.py which recomputes them).
+DIGITS_MEAN = (0.3055,)
+DIGITS_STD = (0.3759,)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about one dataset.
+
+    Attributes:
+      name: dataset name as used in the data config ("digits", "cifar10", ...).
+      image_size: stored image height = width, in pixels.
+      channels: 1 (grayscale) or 3 (RGB).
+      num_classes: number of labels.
+      crop_size: side of the training crop (and of the model input during training).
+      mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
+      train_split, test_split: TFDS split names used for training and for evaluation.
+      num_train, num_test: number of examples in those splits (of the real, non-mocked data).
+      grayscale: True when colour augmentations (jitter, random grayscale) make no sense.
+    """
+
+    name: str
+    image_size: int
+    channels: int
+    num_classes: int
+    crop_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_split: str
+    test_split: str
+    num_train: int
+    num_test: int
+    grayscale: bool
+
+
+_DATASETS = {
+    "digits": DatasetInfo(
+        name="digits",
+        image_size=8,
+        channels=1,
+        num_classes=10,
+        crop_size=8,
+        mean=DIGITS_MEAN,
+        std=DIGITS_STD,
+        train_split="train",
+        test_split="test",
+        num_train=1438,
+        num_test=359,
+        grayscale=True,
+    ),
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        image_size=32,
+        channels=3,
+        num_classes=10,
+        crop_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        train_split="train",
+        test_split="test",
+        num_train=50_000,
+        num_test=10_000,
+        grayscale=False,
+    ),
+    "cifar100": DatasetInfo(
+        name="cifar100",
+        image_size=32,
+        channels=3,
+        num_classes=100,
+        crop_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        train_split="train",
+        test_split="test",
+        num_train=50_000,
+        num_test=10_000,
+        grayscale=False,
+    ),
+    # The reference trains on the 5000 labelled train images, random-resized-cropped to 32 px.
+    "stl10": DatasetInfo(
+        name="stl10",
+        image_size=96,
+        channels=3,
+        num_classes=10,
+        crop_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        train_split="train",
+        test_split="test",
+        num_train=5_000,
+        num_test=8_000,
+        grayscale=False,
+    ),
+    # Random images and labels shaped like CIFAR-10, made in numpy (throughput runs without TF).
+    "synthetic": DatasetInfo(
+        name="synthetic",
+        image_size=32,
+        channels=3,
+        num_classes=10,
+        crop_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        train_split="train",
+        test_split="test",
+        num_train=4096,
+        num_test=1024,
+        grayscale=False,
+    ),
+}
+
+DATASET_NAMES = tuple(_DATASETS)
+TFDS_DATASET_NAMES = ("digits", "cifar10", "cifar100", "stl10")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Returns the metadata of dataset `name`."""
+    if name not in _DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}.")
+    return _DATASETS[name]

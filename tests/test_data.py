@@ -1,0 +1,478 @@
+"""Input pipeline: datasets, samplers, streams, restart, host/device split, errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from hscl_jax import data
+from hscl_jax.data import samplers
+
+DIGITS = data.dataset_info("digits")
+
+
+@pytest.fixture(scope="module")
+def digits_config(tmp_path_factory):
+    """Digits config whose data dir is built once for this module."""
+    config = data.default_data_config("digits")
+    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.num_workers = 2
+    return config
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_batches_equal(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        chex.assert_trees_all_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- metadata, config
+
+
+def test_dataset_info_and_unknown_name():
+    cifar100 = data.dataset_info("cifar100")
+    assert (cifar100.num_classes, cifar100.crop_size, cifar100.channels) == (100, 32, 3)
+    stl10 = data.dataset_info("stl10")
+    assert (stl10.image_size, stl10.crop_size, stl10.train_split) == (96, 32, "train")
+    # The reference normalises every paper dataset with the CIFAR statistics.
+    assert stl10.mean == cifar100.mean == data.dataset_info("cifar10").mean
+    assert DIGITS.grayscale and DIGITS.mean != stl10.mean
+    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; expected one of digits"):
+        data.dataset_info("imagenet")
+
+
+def test_default_configs_pick_the_matching_augmentation():
+    digits = data.default_data_config()
+    assert digits.name == "digits" and digits.augmentation.preset == "digits"
+    assert not (digits.augmentation.color_jitter or digits.augmentation.grayscale)
+    assert not digits.augmentation.flip and digits.augmentation.crop
+    cifar = data.default_data_config("cifar10").augmentation
+    assert cifar.preset == "simclr" and cifar.crop_scale == (0.08, 1.0)
+    jitter = (cifar.brightness, cifar.contrast, cifar.saturation, cifar.hue)
+    assert jitter == (0.4, 0.4, 0.4, 0.1) and cifar.color_jitter_prob == 0.8
+    assert (cifar.grayscale_prob, cifar.blur_prob, cifar.blur_sigma) == (0.2, 0.5, (0.1, 2.0))
+    with pytest.raises(ValueError, match="Unknown augmentation preset 'fancy'"):
+        data.augmentation_config("fancy")
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def test_shuffle_epochs_are_permutations_without_the_last_partial_batch():
+    plan = samplers.shuffle_epoch(103, 10, seed=3, epoch=0)
+    assert plan.shape == (10, 10)
+    assert len(np.unique(plan)) == 100 and plan.max() < 103
+    np.testing.assert_array_equal(plan, samplers.shuffle_epoch(103, 10, seed=3, epoch=0))
+    assert not np.array_equal(plan, samplers.shuffle_epoch(103, 10, seed=3, epoch=1))
+    assert not np.array_equal(plan, samplers.shuffle_epoch(103, 10, seed=4, epoch=0))
+
+
+def _unbalanced_labels():
+    sizes = [30, 25, 40, 12, 33, 28, 50, 19, 22, 41]
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+    return np.random.default_rng(0).permutation(labels), sizes
+
+
+def test_class_balanced_batches_hold_p_classes_times_k_without_replacement():
+    labels, sizes = _unbalanced_labels()
+    num_classes_per_batch, per_class = 4, 5
+    indexer = samplers.BatchIndexer(
+        labels,
+        sampler="class_balanced",
+        batch_size=20,
+        seed=1,
+        classes_per_batch=num_classes_per_batch,
+        samples_per_class=per_class,
+    )
+    plan = indexer.epoch_plan(0)
+    assert plan.shape == (indexer.steps_per_epoch, 20) == (15, 20)
+    for row in plan:
+        classes, counts = np.unique(labels[row], return_counts=True)
+        assert len(classes) == num_classes_per_batch and set(counts) == {per_class}
+    # Classes without replacement: 5 batches of 4 = 20 slots = every class exactly twice.
+    first_slots = np.concatenate([np.unique(labels[row]) for row in plan[:5]])
+    np.testing.assert_array_equal(np.bincount(first_slots, minlength=10), np.full(10, 2))
+    # Examples without replacement inside their class: no example repeats before its class has
+    # been used up.
+    draws = np.bincount(labels[plan.ravel()], minlength=10)
+    uses = np.bincount(plan.ravel(), minlength=len(labels))
+    for index, label in enumerate(labels):
+        assert uses[index] <= math.ceil(draws[label] / sizes[label])
+    # Within-batch order is shuffled, so any device's slice mixes classes.
+    assert len(np.unique(labels[plan[0, :5]])) > 1
+
+
+def test_class_balanced_errors():
+    labels, _ = _unbalanced_labels()
+
+    def indexer(batch_size, classes_per_batch, samples_per_class):
+        return samplers.BatchIndexer(
+            labels,
+            sampler="class_balanced",
+            batch_size=batch_size,
+            seed=0,
+            classes_per_batch=classes_per_batch,
+            samples_per_class=samples_per_class,
+        )
+
+    with pytest.raises(ValueError, match=r"samples_per_class 13 exceeds the smallest class \(lab"):
+        indexer(26, 2, 13)
+    with pytest.raises(ValueError, match="classes_per_batch 11 exceeds the 10 classes"):
+        indexer(22, 11, 2)
+    with pytest.raises(
+        ValueError, match=r"\(3\) x samples_per_class \(5\) = 15 must equal the glo"
+    ):
+        indexer(16, 3, 5)
+    with pytest.raises(ValueError, match="classes_per_batch must be >= 2"):
+        indexer(5, 0, 5)
+    with pytest.raises(ValueError, match="samples_per_class must be >= 1, got 0"):
+        indexer(5, 5, 0)
+    with pytest.raises(ValueError, match="Unknown sampler 'random'"):
+        samplers.BatchIndexer(labels, sampler="random", batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="global_batch_size 400 exceeds the 300 training examples"):
+        samplers.BatchIndexer(labels, sampler="shuffle", batch_size=400, seed=0)
+
+
+# ----------------------------------------------------------------------------- synthetic (no TF)
+
+
+def test_synthetic_source_never_imports_tensorflow():
+    script = (
+        "import sys\n"
+        "from hscl_jax import data\n"
+        "config = data.default_data_config('synthetic')\n"
+        "batch = next(data.train_iterator(config, global_batch_size=32, seed=0,"
+        " num_local_devices=1))\n"
+        "assert batch['view1'].shape == (1, 32, 32, 32, 3), batch['view1'].shape\n"
+        "evaluation = list(data.eval_iterator(config, split='test', batch_size=512,"
+        " num_local_devices=1))\n"
+        "assert sum(int(b['mask'].sum()) for b in evaluation) == 1024\n"
+        "leaked = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', "
+        "'tensorflow_datasets')]\n"
+        "assert not leaked, leaked[:5]\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_synthetic_stream_shapes_views_and_device_split():
+    config = data.default_data_config("synthetic")
+    batch = next(data.train_iterator(config, global_batch_size=64, seed=0))
+    chex.assert_shape(batch["view1"], (8, 8, 32, 32, 3))
+    chex.assert_shape(batch["label"], (8, 8))
+    assert batch["view1"].dtype == np.float32 and batch["label"].dtype == np.int32
+    np.testing.assert_array_equal(batch["view2"], batch["view1"][:, :, :, ::-1])
+    assert data.steps_per_epoch(config, 256) == 4096 // 256
+
+
+def test_batch_must_divide_over_devices_and_hosts(monkeypatch):
+    config = data.default_data_config("synthetic")
+    with pytest.raises(ValueError, match=r"global_batch_size 100 must be a positive multiple of "):
+        data.train_iterator(config, global_batch_size=100, seed=0, num_local_devices=8)
+    with pytest.raises(ValueError, match=r"num_local_devices must be in \[1, 8\]"):
+        data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=9)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match=r"process_count \(3\) x local devices \(2\) = 6"):
+        data.eval_iterator(config, split="test", batch_size=64, num_local_devices=2)
+
+
+def test_bad_arguments_are_rejected():
+    config = data.default_data_config("synthetic")
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        data.train_iterator(config, global_batch_size=32, seed=-1)
+    with pytest.raises(ValueError, match="start_step must be a non-negative integer, got -2"):
+        data.train_iterator(config, global_batch_size=32, seed=0, start_step=-2)
+    with pytest.raises(ValueError, match="Unknown split 'validation' for synthetic"):
+        data.eval_iterator(config, split="validation", batch_size=32)
+    bad = data.default_data_config("synthetic")
+    bad.sampler = "stratified"
+    with pytest.raises(ValueError, match="Unknown sampler 'stratified'"):
+        data.steps_per_epoch(bad, 32)
+    bad = data.default_data_config("synthetic")
+    bad.num_workers = -1
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        data.steps_per_epoch(bad, 32)
+    with pytest.raises(ValueError, match="prefetch size must be >= 1, got 0"):
+        next(data.prefetch_to_device(iter([]), size=0))
+
+
+def test_restart_and_host_split_synthetic_class_balanced(monkeypatch):
+    config = data.default_data_config("synthetic")
+    config.sampler = "class_balanced"
+    config.samples_per_class = 8
+    stream = take(
+        data.train_iterator(config, global_batch_size=64, seed=5, num_local_devices=2), 20
+    )
+    # 4096 / 64 = 64 steps per epoch; restart in the middle of the epoch.
+    resumed = data.train_iterator(
+        config, global_batch_size=64, seed=5, start_step=17, num_local_devices=2
+    )
+    assert_batches_equal(stream[17:], take(resumed, 3))
+    for batch in stream:
+        _, counts = np.unique(batch["label"], return_counts=True)
+        assert len(counts) == 8 and set(counts) == {8}
+    # Two hosts with one device each see the two halves of the one-host batch.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    halves = []
+    for host in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+        it = data.train_iterator(config, global_batch_size=64, seed=5, num_local_devices=1)
+        halves.append(next(it))
+    for key in ("view1", "label"):
+        joined = np.concatenate([halves[0][key], halves[1][key]], axis=1)
+        np.testing.assert_array_equal(joined[0], stream[0][key].reshape(joined[0].shape))
+
+
+def test_prefetch_to_device_feeds_pmap():
+    config = data.default_data_config("synthetic")
+    stream = data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=8)
+    host = next(data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=8))
+    device_batches = data.prefetch_to_device(stream, size=2)
+    batch = next(device_batches)
+    assert isinstance(batch["view1"], jax.Array)
+    assert len(batch["view1"].sharding.device_set) == 8
+    totals = jax.pmap(lambda x: jax.lax.psum(x.sum(), "i"), axis_name="i")(batch["label"])
+    np.testing.assert_array_equal(np.asarray(totals), np.full(8, host["label"].sum()))
+    one = data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=1)
+    single = next(data.prefetch_to_device(one))
+    assert single["label"].devices() == {jax.local_devices()[0]}
+
+
+# ----------------------------------------------------------------------------- digits (TFDS)
+
+
+def test_digits_builder_builds_offline_fast_with_a_fixed_split(tmp_path, no_network):
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data.digits_builder import prepare_digits
+    from hscl_jax.data.tfds_source import import_tensorflow
+
+    import_tensorflow()  # TFDS imports TensorFlow lazily: keep its import out of the timing.
+    tf_loaded = sys.modules["tensorflow"]
+    tf_loaded.constant(0)
+    start = time.perf_counter()
+    builder = prepare_digits(str(tmp_path))
+    build_seconds = time.perf_counter() - start
+    assert builder.is_prepared()
+    assert build_seconds < 5.0, build_seconds  # ~0.2 s on an idle 2-core CPU
+    # Registered under its name like any catalogue dataset.
+    same = tfds.builder("digits", data_dir=str(tmp_path))
+    splits = {
+        split: tfds.as_numpy(same.as_dataset(split=split, batch_size=-1))
+        for split in ("train", "test")
+    }
+    assert len(splits["train"]["label"]) == DIGITS.num_train
+    assert len(splits["test"]["label"]) == DIGITS.num_test
+    train_images = splits["train"]["image"]
+    assert train_images.dtype == np.uint8 and train_images.shape[1:] == (8, 8, 1)
+    assert train_images.max() == 255
+    # Stratified: every class keeps ~20% of its examples for the test split.
+    test_counts = np.bincount(splits["test"]["label"], minlength=10)
+    assert test_counts.min() >= 34 and test_counts.max() <= 37
+    # The declared normalisation statistics are those of the train split.
+    pixels = train_images / 255.0
+    assert abs(pixels.mean() - DIGITS.mean[0]) < 1e-3 and abs(pixels.std() - DIGITS.std[0]) < 1e-3
+    # The split is fixed: a second build elsewhere gives the same test set.
+    again = tfds.as_numpy(
+        prepare_digits(str(tmp_path / "again")).as_dataset(split="test", batch_size=-1)
+    )
+    np.testing.assert_array_equal(
+        np.sort(again["image"].reshape(len(again["image"]), -1), axis=0),
+        np.sort(splits["test"]["image"].reshape(DIGITS.num_test, -1), axis=0),
+    )
+
+
+def test_digits_train_stream_shapes_ranges_determinism_and_restart(digits_config):
+    def stream(seed, start_step=0):
+        return data.train_iterator(
+            digits_config,
+            global_batch_size=256,
+            seed=seed,
+            start_step=start_step,
+            num_local_devices=2,
+        )
+
+    # 1438 // 256 = 5 steps per epoch: steps 0..7 cross an epoch boundary.
+    assert data.steps_per_epoch(digits_config, 256) == 5
+    batches = take(stream(seed=0), 8)
+    batch = batches[0]
+    chex.assert_shape([batch["view1"], batch["view2"]], (2, 128, 8, 8, 1))
+    chex.assert_shape(batch["label"], (2, 128))
+    assert batch["view1"].dtype == np.float32 and batch["label"].dtype == np.int32
+    low = (0.0 - DIGITS.mean[0]) / DIGITS.std[0]
+    high = (1.0 - DIGITS.mean[0]) / DIGITS.std[0]
+    for view in ("view1", "view2"):
+        assert low - 1e-4 <= batch[view].min() and batch[view].max() <= high + 1e-4
+    assert set(np.unique(batch["label"])) <= set(range(10))
+    differs = np.abs(batch["view1"] - batch["view2"]).reshape(256, -1).max(axis=1) > 1e-3
+    assert differs.mean() > 0.8
+    assert_batches_equal(batches[:2], take(stream(seed=0), 2))
+    assert not np.array_equal(batches[0]["view1"], next(stream(seed=1))["view1"])
+    assert_batches_equal(batches[4:], take(stream(seed=0, start_step=4), 4))
+
+
+def test_digits_views_keep_their_image_and_label(digits_config):
+    """With augmentation off, every view is a stored train image carrying its own label."""
+    from hscl_jax.data.tfds_source import load_split
+
+    config = digits_config.copy_and_resolve_references()
+    config.augmentation = data.augmentation_config("none")
+    config.sampler = "class_balanced"
+    config.samples_per_class = 16
+    images, labels = load_split(DIGITS, config.data_dir, "train")
+    batch = next(data.train_iterator(config, global_batch_size=160, seed=2, num_local_devices=1))
+    np.testing.assert_array_equal(batch["view1"], batch["view2"])
+    stored = ((images / 255.0 - DIGITS.mean[0]) / DIGITS.std[0]).reshape(len(images), -1)
+    views = batch["view1"][0].reshape(160, -1)
+    distances = ((views[:, None, :] - stored[None, :, :]) ** 2).sum(-1)
+    nearest = distances.argmin(axis=1)
+    assert distances.min(axis=1).max() < 1e-6
+    np.testing.assert_array_equal(labels[nearest], batch["label"][0])
+    _, counts = np.unique(batch["label"], return_counts=True)
+    assert len(counts) == 10 and set(counts) == {16}
+
+
+def test_digits_eval_stream_covers_every_example_once(digits_config):
+    from hscl_jax.data.tfds_source import load_split
+
+    images, labels = load_split(DIGITS, digits_config.data_dir, "test")
+    batches = list(
+        data.eval_iterator(digits_config, split="test", batch_size=64, num_local_devices=2)
+    )
+    assert len(batches) == math.ceil(DIGITS.num_test / 64)
+    chex.assert_shape(batches[0]["image"], (2, 32, 8, 8, 1))
+    masks = np.concatenate([b["mask"].reshape(-1) for b in batches])
+    assert masks.sum() == DIGITS.num_test and not masks[DIGITS.num_test :].any()
+    seen = np.concatenate([b["image"].reshape(64, -1) for b in batches])[masks]
+    expected = (images / 255.0 - DIGITS.mean[0]) / DIGITS.std[0]
+    np.testing.assert_allclose(seen, expected.reshape(len(images), -1), atol=1e-6)
+    seen_labels = np.concatenate([b["label"].reshape(-1) for b in batches])[masks]
+    np.testing.assert_array_equal(seen_labels, labels)
+
+
+def test_bad_augmentation_options(digits_config):
+    config = digits_config.copy_and_resolve_references()
+    config.augmentation.grayscale = True
+    with pytest.raises(ValueError, match="need RGB images, but digits has 1 channel"):
+        data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=1)
+    config = digits_config.copy_and_resolve_references()
+    config.augmentation.crop_scale = (0.9, 0.5)
+    with pytest.raises(ValueError, match=r"augmentation.crop_scale must be \(min, max\)"):
+        data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=1)
+    config = data.default_data_config("cifar10")
+    config.augmentation.blur_prob = 1.5
+    from hscl_jax.data.augment import resolve_augmentation
+
+    with pytest.raises(ValueError, match=r"blur_prob must be a probability in \[0, 1\], got 1.5"):
+        resolve_augmentation(config.augmentation, data.dataset_info("cifar10"))
+    config.augmentation.blur_prob = 0.5
+    with config.augmentation.unlocked():
+        config.augmentation.solarize = True
+    with pytest.raises(ValueError, match=r"Unknown augmentation option\(s\) \['solarize'\]"):
+        resolve_augmentation(config.augmentation, data.dataset_info("cifar10"))
+
+
+# ----------------------------------------------------------------------------- paper datasets
+
+
+def test_unprepared_dataset_fails_at_once_with_instructions(tmp_path, no_network):
+    config = data.default_data_config("cifar10")
+    config.data_dir = str(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(data.DatasetNotPreparedError, match=r"tfds build cifar10 --data_dir=/"):
+        data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=1)
+    assert time.perf_counter() - start < 10.0
+    assert not (tmp_path / "downloads").exists()
+
+
+MOCK_EXAMPLES = 48
+
+
+def _random_split(self, split, decoders=None, read_config=None, shuffle_files=False):
+    """tfds.testing.mock_data's `as_dataset_fn`: random examples of the dataset's true shapes."""
+    import tensorflow as tf
+
+    del decoders, read_config, shuffle_files
+    rng = np.random.default_rng(len(str(split)))
+    shape = self.info.features["image"].shape
+    num_classes = self.info.features["label"].num_classes
+    return tf.data.Dataset.from_tensor_slices(
+        {
+            "image": rng.integers(0, 256, size=(MOCK_EXAMPLES, *shape), dtype=np.uint8),
+            "label": rng.integers(0, num_classes, size=MOCK_EXAMPLES),
+        }
+    )
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
+def test_paper_datasets_through_mocked_tfds(name, tmp_path):
+    import tensorflow_datasets as tfds
+
+    info = data.dataset_info(name)
+    config = data.default_data_config(name)
+    config.data_dir = str(tmp_path)
+    with tfds.testing.mock_data(as_dataset_fn=_random_split):
+        batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2))
+        evaluation = list(
+            data.eval_iterator(config, split="test", batch_size=32, num_local_devices=2)
+        )
+    chex.assert_shape([batch["view1"], batch["view2"]], (2, 8, 32, 32, 3))
+    assert batch["label"].max() < info.num_classes
+    assert not np.array_equal(batch["view1"], batch["view2"])
+    # SimCLR ops keep pixels in [0, 1] before the CIFAR normalisation.
+    mean, std = np.array(info.mean), np.array(info.std)
+    assert batch["view1"].min() >= (0 - mean.max()) / std.min() - 1e-4
+    assert batch["view1"].max() <= (1 - mean.min()) / std.min() + 1e-4
+    assert len(evaluation) == 2 and sum(int(b["mask"].sum()) for b in evaluation) == MOCK_EXAMPLES
+    # Evaluation keeps the stored size by default (STL-10: 96 px, as the reference).
+    chex.assert_shape(evaluation[0]["image"], (2, 16, info.image_size, info.image_size, 3))
+
+
+def test_stl10_eval_resize(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = data.default_data_config("stl10")
+    config.data_dir = str(tmp_path)
+    config.eval_image_size = 32
+    with tfds.testing.mock_data(as_dataset_fn=_random_split):
+        batch = next(data.eval_iterator(config, split="train", batch_size=16, num_local_devices=1))
+    chex.assert_shape(batch["image"], (1, 16, 32, 32, 3))
+
+
+def test_default_mock_data_policy(tmp_path):
+    """tfds.testing.mock_data with its own random generator (a PyFunc source)."""
+    import tensorflow_datasets as tfds
+
+    config = data.default_data_config("cifar10")
+    config.data_dir = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=40):
+        assert data.steps_per_epoch(config, 16) == 2
+        batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=1))
+    chex.assert_shape(batch["view1"], (1, 16, 32, 32, 3))
