@@ -1,0 +1,221 @@
+"""Sweep runner: methods x beta x seeds, one run after another, resumable.
+
+    python -m hscl_jax.sweep --config=configs/study.py --workdir=DIR
+    python -m hscl_jax.sweep --config=configs/default.py --workdir=DIR --config.num_steps=100
+
+The grid is ``config.sweep`` when the config has one (see configs/study.py), else DEFAULT_GRID.
+Each run trains with hscl_jax.trainer in ``DIR/runs/<method>_b<beta>_s<seed>/`` and is evaluated
+with hscl_jax.evaluate (weighted kNN and linear probe on the frozen encoder). A finished run leaves
+``record.json`` there and is skipped when the sweep is started again; an interrupted run resumes
+from its last checkpoint. After every run the sweep rewrites
+
+- ``DIR/study.json``: a list with one record per finished run: ``method``, ``beta``, ``seed``,
+  ``knn_top1``, ``knn_top5``, ``linear_top1`` (fractions), ``wall_s``;
+- ``DIR/study.md``: mean +- std per (method, beta) cell, and H-SCL minus SCL (and H-UCL minus UCL)
+  per beta, paired over seeds, with a paired t-test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+import numpy as np
+
+METHODS = ("ucl", "scl", "hucl", "hscl", "supcon")
+TILTED = ("hucl", "hscl")
+METRICS = ("knn_top1", "knn_top5", "linear_top1")
+
+DEFAULT_GRID = {
+    "methods": ("ucl", "scl", "hucl", "hscl", "supcon"),
+    "betas": (0.5, 1.0, 5.0),
+    "seeds": (0, 1, 2, 3, 4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    method: str
+    beta: float  # 0 for the untilted methods
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_b{self.beta:g}_s{self.seed}"
+
+
+def grid_runs(grid) -> list[Run]:
+    """The runs of a grid: tilted methods once per beta, the others once, each for every seed."""
+    methods = tuple(grid["methods"])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in the sweep grid; allowed: {METHODS}")
+    betas = tuple(float(b) for b in grid["betas"])
+    if any(b < 0 for b in betas):
+        raise ValueError(f"sweep betas must be >= 0, got {betas}")
+    seeds = tuple(int(s) for s in grid["seeds"])
+    if not seeds:
+        raise ValueError("the sweep grid needs at least one seed")
+    runs = []
+    for method in methods:
+        for beta in betas if method in TILTED else (0.0,):
+            runs.extend(Run(method, beta, seed) for seed in seeds)
+    return runs
+
+
+def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
+    """``base`` with the run's loss, beta and seeds (model init and data order)."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    if "sweep" in config:
+        del config["sweep"]
+    config.loss.name = run.method
+    if run.method in TILTED:
+        config.loss.beta = run.beta
+    if run.method == "supcon" and "sweep" in base and "supcon_temperature" in base.sweep:
+        config.loss.temperature = base.sweep.supcon_temperature
+    config.seed = run.seed
+    config.data.seed = run.seed
+    return config
+
+
+def _write_json_atomic(path: str, payload) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def run_one(config: ml_collections.ConfigDict, run: Run, run_dir: str) -> dict:
+    """Trains and evaluates one run (resuming if it was interrupted); returns its record."""
+    from hscl_jax import evaluate, trainer
+
+    record_path = os.path.join(run_dir, "record.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.time()
+    trainer.train_and_evaluate(config, run_dir)
+    results = evaluate.evaluate_workdir(run_dir, config=config)
+    record = {
+        "method": run.method,
+        "beta": run.beta,
+        "seed": run.seed,
+        **{k: float(results[k]) for k in METRICS},
+        "wall_s": round(time.time() - start, 1),
+    }
+    _write_json_atomic(record_path, record)
+    return record
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    values = np.asarray(values, float)
+    std = values.std(ddof=1) if len(values) > 1 else float("nan")
+    return f"{100 * values.mean():.2f} +- {100 * std:.2f}"
+
+
+def paired_difference(
+    records: Iterable[dict], method: str, baseline: str, beta: float, metric: str
+) -> dict | None:
+    """method(beta) minus baseline over the seeds both finished: mean, std, t and p (two-sided)."""
+    by_seed = {}
+    for r in records:
+        if r["method"] == method and math.isclose(r["beta"], beta):
+            by_seed.setdefault(r["seed"], {})["a"] = r[metric]
+        if r["method"] == baseline:
+            by_seed.setdefault(r["seed"], {})["b"] = r[metric]
+    diffs = np.array([v["a"] - v["b"] for v in by_seed.values() if len(v) == 2])
+    if len(diffs) < 2:
+        return None
+    from scipy import stats
+
+    std = diffs.std(ddof=1)
+    if std == 0:
+        t, p = (0.0, 1.0) if diffs.mean() == 0 else (math.inf, 0.0)
+    else:
+        t, p = stats.ttest_1samp(diffs, 0.0)
+    return {
+        "n": len(diffs),
+        "mean": float(diffs.mean()),
+        "std": float(std),
+        "t": float(t),
+        "p": float(p),
+    }
+
+
+def study_markdown(records: list[dict]) -> str:
+    """The per-cell table and the paired comparisons, as Markdown."""
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        cells.setdefault((r["method"], r["beta"]), []).append(r)
+    lines = [
+        "| method | beta | seeds | kNN top-1 (%) | kNN top-5 (%) | linear top-1 (%) | wall s/run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (method, beta), rs in sorted(cells.items(), key=lambda c: (order[c[0][0]], c[0][1])):
+        beta_text = f"{beta:g}" if method in TILTED else "-"
+        lines.append(
+            f"| {method} | {beta_text} | {len(rs)} | "
+            + " | ".join(_mean_std([r[k] for r in rs]) for k in METRICS)
+            + f" | {np.mean([r['wall_s'] for r in rs]):.0f} |"
+        )
+    lines += [
+        "",
+        "Paired differences over seeds (percentage points; two-sided paired t-test):",
+        "",
+        "| comparison | beta | metric | n | mean diff | std | t | p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, baseline in (("hscl", "scl"), ("hucl", "ucl")):
+        betas = sorted({r["beta"] for r in records if r["method"] == method})
+        for beta in betas:
+            for metric in METRICS:
+                d = paired_difference(records, method, baseline, beta, metric)
+                if d is None:
+                    continue
+                lines.append(
+                    f"| {method} - {baseline} | {beta:g} | {metric} | {d['n']} | "
+                    f"{100 * d['mean']:+.2f} | {100 * d['std']:.2f} | {d['t']:.2f} | "
+                    f"{d['p']:.3f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Runs every run of the grid not finished yet; rewrites study.json/study.md after each."""
+    grid = config.sweep.to_dict() if "sweep" in config else DEFAULT_GRID
+    runs = grid_runs(grid)
+    os.makedirs(workdir, exist_ok=True)
+    records = []
+    for i, run in enumerate(runs):
+        print(f"[sweep] run {i + 1}/{len(runs)}: {run.name}", flush=True)
+        records.append(
+            run_one(run_config(config, run), run, os.path.join(workdir, "runs", run.name))
+        )
+        _write_json_atomic(os.path.join(workdir, "study.json"), records)
+        with open(os.path.join(workdir, "study.md"), "w") as f:
+            f.write(study_markdown(records))
+    return records
+
+
+def main(argv) -> None:
+    del argv
+    run_sweep(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file.", lock_config=False
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
