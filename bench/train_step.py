@@ -1,0 +1,147 @@
+"""Throughput of the pmapped train step, and the share of it spent in the contrastive loss.
+
+    python bench/train_step.py                      # all cases, this machine
+    python bench/train_step.py --cases=small_cnn --steps=50
+
+Cases: the small CNN on 8x8x1 digit-shaped inputs, ResNet-18 and ResNet-50 (reference widths) at
+32x32x3, all on random data (no input pipeline: this measures the step alone). Reported per case:
+compile time, images/s (an image = one pair of views, so 2x that many views go through the
+encoder), ms/step, and the loss's share of the step: the time of the loss forward+backward alone
+on projections of the same shape (same pmap, same axis), divided by the step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from hscl_jax import losses, models, trainer
+
+CASES = {
+    # name: (model, input (H, W, C), default batch on CPU)
+    "small_cnn": ("small_cnn", (8, 8, 1), 128),
+    "resnet18": ("resnet18", (32, 32, 3), 16),
+    "resnet50": ("resnet50", (32, 32, 3), 8),
+}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return (
+        f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} backend={jax.default_backend()} "
+        f"device={device.device_kind}"
+    )
+
+
+def _time(fn, steps: int) -> float:
+    """Seconds per call of ``fn`` (already compiled), blocking on its result."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, beta: float):
+    model_name, shape, _ = CASES[name]
+    devices = jax.local_devices()[:1]
+    model = models.create_model(model_name, dtype=dtype, bn_axis_name=trainer.AXIS_NAME)
+    optim = trainer.base_config("synthetic").optim
+    tx, _ = trainer.create_optimizer(optim, total_steps=steps)
+    state = trainer.create_train_state(jax.random.key(0), model, tx, shape)
+    replicated = trainer.replicate(state, devices)
+    rng = np.random.default_rng(0)
+    batch_arrays = {
+        "view1": rng.normal(size=(1, batch, *shape)).astype(np.float32),
+        "view2": rng.normal(size=(1, batch, *shape)).astype(np.float32),
+        "label": rng.integers(0, 10, size=(1, batch)).astype(np.int32),
+    }
+    batch_arrays = jax.device_put(batch_arrays, devices[0])
+    loss_kwargs = {"beta": beta} if "beta" in losses.allowed_options(loss_name) else {}
+    step = trainer.make_pmap_train_step(model, tx, loss_name, loss_kwargs, devices)
+
+    start = time.perf_counter()
+    replicated, metrics = step(replicated, batch_arrays)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+
+    def run_step():
+        nonlocal replicated
+        replicated, out = step(replicated, batch_arrays)
+        return out
+
+    step_seconds = _time(run_step, steps)
+
+    # The loss alone: value and gradient w.r.t. both views' projections, same pmap and axis.
+    def loss_and_grad(z1, z2, labels):
+        def objective(z1, z2):
+            return losses.compute(
+                loss_name, z1, z2, labels, axis_name=trainer.AXIS_NAME, **loss_kwargs
+            )
+
+        return jax.value_and_grad(objective, argnums=(0, 1))(z1, z2)
+
+    p_loss = jax.pmap(loss_and_grad, axis_name=trainer.AXIS_NAME, devices=devices)
+    z = rng.normal(size=(2, 1, batch, model.head.output_dim)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    z1, z2 = jax.device_put((z[0], z[1]), devices[0])
+    jax.block_until_ready(p_loss(z1, z2, batch_arrays["label"]))
+    loss_seconds = _time(lambda: p_loss(z1, z2, batch_arrays["label"]), steps)
+    return {
+        "case": name,
+        "batch": batch,
+        "dtype": dtype,
+        "compile_s": compile_seconds,
+        "ms_per_step": 1e3 * step_seconds,
+        "images_per_s": batch / step_seconds,
+        "loss_ms": 1e3 * loss_seconds,
+        "loss_share": loss_seconds / step_seconds,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="images per step (0: per-case default)"
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--dtype", default="float32", choices=models.DTYPE_NAMES)
+    parser.add_argument("--loss", default="hscl", choices=losses.LOSS_NAMES)
+    parser.add_argument("--beta", type=float, default=1.0)
+    args = parser.parse_args()
+    print(f"machine: {_machine()}")
+    print(f"loss: {args.loss} (beta={args.beta} where used), dtype: {args.dtype}, 1 device")
+    header = (
+        f"{'case':<10} {'batch':>5} {'compile s':>9} {'ms/step':>9} {'images/s':>9} "
+        f"{'loss ms':>8} {'loss share':>10}"
+    )
+    print(header)
+    for name in args.cases.split(","):
+        if name not in CASES:
+            raise ValueError(f"unknown case {name!r}; allowed: {', '.join(CASES)}")
+        batch = args.batch or CASES[name][2]
+        result = bench_case(name, batch, args.steps, args.dtype, args.loss, args.beta)
+        print(
+            f"{result['case']:<10} {result['batch']:>5} {result['compile_s']:>9.1f} "
+            f"{result['ms_per_step']:>9.1f} {result['images_per_s']:>9.1f} "
+            f"{result['loss_ms']:>8.2f} {100 * result['loss_share']:>9.2f}%",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,523 @@
+"""Tests for hscl_jax.trainer and train.py: optimiser, the pmapped/shard_mapped step, end-to-end
+runs with checkpoints and metrics, exact resume after SIGKILL, non-finite steps, bad configs."""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from hscl_jax import data, models, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_digits_config(**top_level):
+    """configs/default.py shrunk to a few fast steps."""
+    config = _load_config("default")
+    config.model.width = 4
+    config.model.head_hidden_dim = 16
+    config.model.projection_dim = 8
+    config.global_batch_size = 16
+    config.num_steps = 4
+    config.num_devices = 1
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.eval_every_steps = 0
+    config.knn.k = 20
+    config.knn.eval_batch_size = 512
+    for key, value in top_level.items():
+        config[key] = value
+    return config
+
+
+def _read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _checkpoint_steps(workdir):
+    steps = trainer.checkpoint_steps(workdir)
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert steps == sorted(int(n) for n in names if n.isdigit())  # what is on disk
+    return steps
+
+
+def _restore_params(workdir, step):
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    return ocp.StandardCheckpointer().restore(path)["params"]
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _optim(**overrides):
+    config = trainer.base_config("digits").optim
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def test_reference_adam_adds_weight_decay_to_the_gradient():
+    # g = -0.5, decay term wd * p = +1: coupled L2 gives g' = +0.5, so Adam's first step is -lr;
+    # decoupled AdamW would step by -lr * (sign(g) + wd * p) = 0.
+    params = {"w": jnp.array([2.0])}
+    grads = {"w": jnp.array([-0.5])}
+    for name, expected in (("adam", -0.1), ("adamw", 0.0)):
+        tx, _ = trainer.create_optimizer(_optim(name=name, learning_rate=0.1, weight_decay=0.5), 10)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(updates["w"], [expected], atol=1e-6)
+
+
+def test_weight_decay_mask_and_sgd():
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    optim = _optim(name="sgd", learning_rate=1.0, weight_decay=0.1, momentum=0.0)
+    for on_bn_and_bias, bias_update in ((True, -0.1), (False, 0.0)):
+        optim.weight_decay_on_bn_and_bias = on_bn_and_bias
+        tx, _ = trainer.create_optimizer(optim, 10)
+        updates, _ = tx.update(zero_grads, tx.init(params), params)
+        np.testing.assert_allclose(updates["kernel"], -0.1, atol=1e-7)
+        np.testing.assert_allclose(updates["bias"], bias_update, atol=1e-7)
+
+
+def test_schedules():
+    _, constant = trainer.create_optimizer(_optim(), 100)
+    assert float(constant(0)) == pytest.approx(1e-3) and float(constant(99)) == pytest.approx(1e-3)
+    optim = _optim(
+        name="lars",
+        learning_rate=2.0,
+        schedule="warmup_cosine",
+        warmup_steps=10,
+        final_lr_fraction=0.1,
+    )
+    tx, schedule = trainer.create_optimizer(optim, 110)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(1.0)
+    assert float(schedule(10)) == pytest.approx(2.0)
+    assert float(schedule(60)) == pytest.approx(0.2 + 1.8 * 0.5, rel=1e-4)
+    assert float(schedule(110)) == pytest.approx(0.2)
+    params = {"kernel": jnp.ones((3, 3))}
+    updates, _ = tx.update(params, tx.init(params), params)  # LARS runs
+    assert np.all(np.isfinite(updates["kernel"]))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def first_steps():
+    """One SGD step on the same global batch: pmap over 1 device, over 8 devices, shard_map."""
+    model = models.create_model(
+        "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=trainer.AXIS_NAME
+    )
+    # Plain SGD: the update is -lr * gradient, so a gradient off by the device count shows
+    # (Adam's first step is scale-invariant and would hide psum versus pmean).
+    tx, _ = trainer.create_optimizer(_optim(name="sgd", learning_rate=0.5, momentum=0.0), 10)
+    state = trainer.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
+    rng = np.random.default_rng(0)
+    global_batch = {
+        "view1": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+        "view2": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+        "label": rng.integers(0, 3, size=16).astype(np.int32),
+    }
+    loss_kwargs = {"beta": 1.0}
+
+    def pmapped(num_devices):
+        devices = jax.devices()[:num_devices]
+        step = trainer.make_pmap_train_step(model, tx, "hscl", loss_kwargs, devices)
+        batch = jax.tree.map(lambda x: x.reshape(num_devices, -1, *x.shape[1:]), global_batch)
+        new_state, metrics = step(trainer.replicate(state, devices), batch)
+        return jax.device_get((new_state, metrics))
+
+    mesh = Mesh(np.array(jax.devices()), (trainer.AXIS_NAME,))
+    sharded_step = trainer.make_shard_map_train_step(model, tx, "hscl", loss_kwargs, mesh)
+    sharded = jax.device_get(sharded_step(state, global_batch))
+    return {
+        "initial": jax.device_get(state),
+        "one": pmapped(1),
+        "eight": pmapped(8),
+        "shard_map": sharded,
+    }
+
+
+def test_pmap_over_8_devices_equals_one_device_update(first_steps):
+    initial = first_steps["initial"]
+    one_state, one_metrics = first_steps["one"]
+    eight_state, eight_metrics = first_steps["eight"]
+    one = jax.tree.map(lambda x: x[0], one_state)
+    update = jax.tree.map(lambda new, old: new - old, one.params, initial.params)
+    assert max(float(np.abs(u).max()) for u in jax.tree.leaves(update)) > 1e-2
+    for device in range(8):
+        eight = jax.tree.map(lambda x, d=device: x[d], eight_state)
+        chex.assert_trees_all_close(eight.params, one.params, atol=2e-6, rtol=1e-5)
+        chex.assert_trees_all_close(eight.batch_stats, one.batch_stats, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"][0], rtol=1e-5)
+    np.testing.assert_allclose(eight_metrics["num_anchors"], 32.0)
+    assert int(one.step) == 1 and float(one_metrics["finite"][0]) == 1.0
+
+
+def test_shard_map_gives_the_pmap_update(first_steps):
+    sharded_state, sharded_metrics = first_steps["shard_map"]
+    eight_state, eight_metrics = first_steps["eight"]
+    eight = jax.tree.map(lambda x: x[0], eight_state)
+    chex.assert_trees_all_close(sharded_state.params, eight.params, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(sharded_state.batch_stats, eight.batch_stats, atol=1e-6)
+    np.testing.assert_allclose(sharded_metrics["loss"], eight_metrics["loss"][0], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _nan_at_batch(bad_index, monkeypatch):
+    """Makes the training stream's batch ``bad_index`` (consumed by step bad_index + 1) NaN."""
+    real_iterator = data.train_iterator
+
+    def poisoned(*args, start_step=0, **kwargs):
+        for index, batch in enumerate(real_iterator(*args, start_step=start_step, **kwargs)):
+            if start_step + index == bad_index:
+                batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(data, "train_iterator", poisoned)
+
+
+def test_digits_run_outputs_nonfinite_handling_and_resume(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    # Run 1: 4 steps, kNN every 2, a NaN batch at step 3 that the config says to skip.
+    _nan_at_batch(2, monkeypatch)
+    config = tiny_digits_config(eval_every_steps=2, skip_nonfinite_steps=True)
+    final = trainer.train_and_evaluate(config, workdir)
+
+    records = _read_metrics(workdir)
+    train_records = [r for r in records if "loss" in r]
+    knn_records = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in train_records] == [2, 4]
+    assert [r["step"] for r in knn_records] == [2, 4]
+    for key in (
+        "loss",
+        "num_anchors",
+        "mean_pos_cos",
+        "mean_neg_cos",
+        "effective_negatives",
+        "learning_rate",
+        "steps_per_sec",
+        "grad_norm",
+    ):
+        assert np.isfinite(train_records[-1][key]), key
+    assert train_records[-1]["num_anchors"] == 32  # 16 images x 2 views, all valid
+    assert train_records[-1]["learning_rate"] == pytest.approx(1e-3)
+    assert [r["skipped_steps"] for r in train_records] == [0, 1]
+    for record in knn_records:
+        assert 0.0 <= record["knn_top1"] <= record["knn_top5"] <= 1.0
+    assert final["knn_top1"] == knn_records[-1]["knn_top1"]
+    assert _checkpoint_steps(workdir) == [2, 4]
+    params = _restore_params(workdir, 4)
+    assert params["encoder"]["conv1"]["kernel"].shape == (3, 3, 1, 4)
+    variables = trainer.restore_variables(workdir)  # the latest: step 4
+    chex.assert_trees_all_equal(variables["params"], params)
+    assert variables["batch_stats"]["encoder"]["bn1"]["mean"].shape == (4,)
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        resolved = json.load(f)
+    assert resolved["loss"]["name"] == "hscl" and resolved["resolved"]["total_steps"] == 4
+    assert resolved["resolved"]["per_device_batch_size"] == 16
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (events_file,) = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    tags = {
+        value.tag for event in EventFileLoader(events_file).Load() for value in event.summary.value
+    }
+    assert {"loss", "knn_top1", "effective_negatives", "learning_rate"} <= tags
+
+    # Run 2, same workdir, longer budget: resumes at step 4; a NaN at step 6 now stops the run
+    # before the step-6 checkpoint, keeping step 4's.
+    _nan_at_batch(5, monkeypatch)
+    config = tiny_digits_config(num_steps=8)
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 6.*step 4"):
+        trainer.train_and_evaluate(config, workdir)
+    assert [r["step"] for r in _read_metrics(workdir) if "loss" in r] == [2, 4]
+    assert _checkpoint_steps(workdir) == [2, 4]
+
+    # Run 3: a config whose model does not match the checkpoint stops with one clear line.
+    config.model.width = 8
+    with pytest.raises(
+        trainer.ConfigError,
+        match=r"checkpoint step 4 .* has shape \(4,\) but this config needs \(8,\)",
+    ):
+        trainer.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.slow
+def test_mock_cifar10_tiny_resnet_run(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = trainer.base_config("cifar10")
+    config.model.name = "resnet18"
+    config.model.width = 2
+    config.model.stage_sizes = (1, 1)
+    config.model.head_hidden_dim = 8
+    config.model.projection_dim = 4
+    config.global_batch_size = 8
+    config.num_steps = 2
+    config.num_devices = 1
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.knn.k = 5
+    config.knn.eval_batch_size = 16
+    workdir = str(tmp_path / "cifar")
+    with tfds.testing.mock_data(num_examples=24):
+        final = trainer.train_and_evaluate(config, workdir)
+    records = _read_metrics(workdir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert 0.0 <= final["knn_top1"] <= 1.0
+    assert _checkpoint_steps(workdir) == [2]
+    params = _restore_params(workdir, 2)
+    assert params["encoder"]["stem_conv"]["kernel"].shape == (3, 3, 3, 2)
+
+
+# ----------------------------------------------------------------------------- train.py
+
+
+def _subprocess_env(tmp_path, num_devices):
+    env = dict(os.environ)
+    # Fewer LLVM passes: XLA:CPU compiles ~3x faster; both runs being compared use the same flags.
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0"
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+_TINY_FLAGS = [
+    "--config.model.width=4",
+    "--config.model.head_hidden_dim=16",
+    "--config.model.projection_dim=8",
+    "--config.global_batch_size=16",
+    "--config.num_steps=8",
+    "--config.checkpoint_every_steps=2",
+    "--config.log_every_steps=2",
+    "--config.knn.k=10",
+]
+
+# Runs train.py in this process but SIGKILLs it right after the checkpoint save of step
+# HSCL_TEST_KILL_AT_STEP has been started (orbax saves asynchronously, so it may be half-written).
+_KILLING_RUNNER = """
+import os, runpy, signal, sys
+from hscl_jax import trainer
+kill_at = int(os.environ["HSCL_TEST_KILL_AT_STEP"])
+save = trainer._save_checkpoint
+def save_then_die(manager, step, host_state, meta):
+    save(manager, step, host_state, meta)
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer._save_checkpoint = save_then_die
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def _train(tmp_path, workdir, *, kill_at=None):
+    command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
+    env = _subprocess_env(tmp_path, num_devices=2)
+    if kill_at is not None:
+        command[1:2] = ["-c", _KILLING_RUNNER]
+        env["HSCL_TEST_KILL_AT_STEP"] = str(kill_at)
+    return subprocess.run(
+        command + _TINY_FLAGS, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+    reference_dir = str(tmp_path / "uninterrupted")
+    killed_dir = str(tmp_path / "killed")
+    result = _train(tmp_path, reference_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    result = _train(tmp_path, killed_dir, kill_at=6)
+    assert result.returncode == -9, result.stderr[-3000:]
+    checkpoints = os.path.join(killed_dir, "checkpoints")
+    # Orbax writes "<step>.orbax-checkpoint-tmp" and renames it to "<step>" once complete; the kill
+    # right after the step-6 save started normally leaves step 6 unfinished.
+    unfinished = os.path.exists(os.path.join(checkpoints, "6.orbax-checkpoint-tmp"))
+    assert _checkpoint_steps(killed_dir) == ([2, 4] if unfinished else [2, 4, 6])
+    # Also plant an unfinished checkpoint of a later step, whatever the kill left.
+    partial = os.path.join(checkpoints, "7.orbax-checkpoint-tmp")
+    shutil.copytree(os.path.join(checkpoints, "4"), partial)
+    shutil.rmtree(os.path.join(partial, "state"))
+
+    result = _train(tmp_path, killed_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from checkpoint at step {4 if unfinished else 6}" in result.stderr
+    # Steps logged by the killed run after its last complete checkpoint are logged once, again.
+    assert [r["step"] for r in _read_metrics(killed_dir) if "loss" in r] == [2, 4, 6, 8]
+
+    reference = _restore_params(reference_dir, 8)
+    resumed = _restore_params(killed_dir, 8)
+    for expected, actual in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.slow
+def test_train_py_reports_a_bad_config_in_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/default.py",
+            f"--workdir={tmp_path / 'bad'}",
+            "--config.loss.name=nope",
+        ],
+        cwd=REPO,
+        env=_subprocess_env(tmp_path, 1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.loss.name='nope' is unknown; allowed: ucl, scl, hucl, hscl, supcon"
+    )
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+_WITHOUT_TENSORFLOW = """
+import runpy, sys
+# Make every TensorFlow import fail, as on a GPU host without TensorFlow installed.
+for name in ("tensorflow", "tensorflow_datasets"):
+    sys.modules[name] = None
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+assert "tensorflow" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+"""
+
+
+@pytest.mark.slow
+def test_synthetic_config_trains_without_tensorflow(tmp_path):
+    workdir = tmp_path / "synthetic"
+    flags = [
+        "--config=configs/synthetic.py",
+        f"--workdir={workdir}",
+        "--config.model.name=resnet18",
+        "--config.model.width=2",
+        "--config.model.stage_sizes=(1,)",
+        "--config.model.head_hidden_dim=8",
+        "--config.model.projection_dim=4",
+        "--config.global_batch_size=8",
+        "--config.num_steps=2",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=2",
+        "--config.knn.k=5",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, *flags],
+        cwd=REPO,
+        env=_subprocess_env(tmp_path, 1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in _read_metrics(workdir) if "loss" in r] == [1, 2]
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert _checkpoint_steps(workdir) == [2]
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+def _set(config, dotted, value):
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        config = config[parent]
+    with config.ignore_type():
+        config[leaf] = value
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("loss.name", "triplet", "config.loss.name='triplet' is unknown"),
+        ("model.name", "vgg", "config.model.name='vgg' is unknown"),
+        ("model.dtype", "float16", "model.dtype='float16' is not supported"),
+        ("model.width", 0, "model.width=0"),
+        ("data.name", "mnist", "config.data.name='mnist'"),
+        ("global_batch_size", 12, "global_batch_size=12 is not divisible by the 8 devices"),
+        ("global_batch_size", 0, "config.global_batch_size=0 must be a positive integer"),
+        ("num_devices", 9, "config.num_devices=9 must be between 1 and the 8 local devices"),
+        ("optim.name", "rmsprop", "config.optim.name='rmsprop' is unknown"),
+        ("optim.schedule", "step", "config.optim.schedule='step' is unknown"),
+        ("optim.learning_rate", 0.0, "config.optim.learning_rate=0.0 must be > 0"),
+        ("optim.weight_decay", -1.0, "config.optim.weight_decay=-1.0 must be >= 0"),
+        ("loss.beta", -1.0, "config.loss: .*beta"),
+        ("loss.positives", "some", "config.loss: .*positives"),
+        ("loss.temperature", 0.0, "config.loss: .*temperature"),
+        ("num_steps", -5, "config.num_steps=-5 must be an integer >= 0"),
+        ("log_every_steps", 0, "config.log_every_steps=0 must be a positive integer"),
+        ("checkpoint_every_steps", 0, "config.checkpoint_every_steps=0"),
+        ("keep_checkpoints", 0, "config.keep_checkpoints must be >= 1"),
+        ("knn.k", 0, "config.knn.k=0 must be a positive integer"),
+        ("knn.eval_batch_size", 100, "eval_batch_size=100 is not divisible by the 8 devices"),
+        ("skip_nonfinite_steps", "yes", "skip_nonfinite_steps='yes' must be True or False"),
+    ],
+)
+def test_bad_config_values_are_rejected_with_one_line(field, value, match):
+    config = tiny_digits_config(num_devices=None, global_batch_size=16)
+    trainer.validate_config(config)  # the unmodified config is fine on 8 devices
+    _set(config, field, value)
+    with pytest.raises(trainer.ConfigError, match=match) as error:
+        trainer.validate_config(config)
+    assert "\n" not in str(error.value)
+
+
+def test_no_training_length_is_rejected(tmp_path):
+    config = tiny_digits_config(num_steps=0, num_epochs=0)
+    with pytest.raises(trainer.ConfigError, match="num_steps and config.num_epochs are both 0"):
+        trainer.train_and_evaluate(config, str(tmp_path / "none"))
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_bad_data_config_stops_the_run_at_start(tmp_path):
+    config = tiny_digits_config()
+    config.data.sampler = "round_robin"
+    with pytest.raises(trainer.ConfigError, match="config.data: .*sampler 'round_robin'"):
+        trainer.train_and_evaluate(config, str(tmp_path / "bad_data"))
+    assert not os.path.exists(tmp_path / "bad_data" / "config.json")
+
+
+def test_loss_options_pass_only_what_the_loss_takes():
+    config = tiny_digits_config()
+    config.loss.name = "ucl"
+    assert trainer.loss_options(config.loss) == {"temperature": 0.5}
+    config.loss.name = "hucl"
+    config.loss.block_size = 64
+    assert trainer.loss_options(config.loss) == {
+        "temperature": 0.5,
+        "beta": config.loss.beta,
+        "tau_plus": 0.0,
+        "clamp": False,
+        "block_size": 64,
+    }

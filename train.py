@@ -1,0 +1,42 @@
+"""Contrastive pre-training entry point.
+
+    python train.py --config=configs/default.py --workdir=/tmp/hscl_digits
+    python train.py --config=configs/cifar10.py --workdir=DIR --config.loss.beta=5
+
+Running the same command again on the same --workdir resumes from the latest checkpoint.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from hscl_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and events.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_orbax_info(record: std_logging.LogRecord) -> bool:
+    """Keeps orbax's per-save INFO chatter out of the console (its warnings still show)."""
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_orbax_info)
+    try:
+        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (trainer.ConfigError, FloatingPointError, FileNotFoundError) as error:
+        # Bad config, non-finite training, dataset not prepared: the message says it all.
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)
