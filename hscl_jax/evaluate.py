@@ -1,4 +1,6 @@
-"""Evaluation of learned representations.
+"""Evaluation of learned representations: weighted kNN, linear probe, ridge probe.
+
+    python -m hscl_jax.evaluate --workdir=DIR     # writes DIR/eval.json
 
 Weighted kNN monitor (the reference's per-epoch evaluation): every test example's class scores are
 the sum, over its k nearest training examples by cosine similarity of L2-normalised encoder
@@ -7,7 +9,11 @@ features, of exp(similarity / temperature) credited to the neighbour's class.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +150,253 @@ def knn_accuracy(
     top1 = ranking[:, 0] == test_labels
     top5 = np.any(ranking[:, : min(5, num_classes)] == test_labels[:, None], axis=1)
     return {"knn_top1": float(np.mean(top1)), "knn_top5": float(np.mean(top5))}
+
+
+# ----------------------------------------------------------------------------- linear probes
+
+
+def _check_probe_inputs(train_features, train_labels, test_features, test_labels, num_classes):
+    for name, x in (("train_features", train_features), ("test_features", test_features)):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (n, d), got shape {x.shape}")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"train and test feature dims differ: {train_features.shape[1]} vs "
+            f"{test_features.shape[1]}"
+        )
+    for name, y, x in (
+        ("train_labels", train_labels, train_features),
+        ("test_labels", test_labels, test_features),
+    ):
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"{name} shape {y.shape} does not match {x.shape[0]} features")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError("linear probe needs at least one train and one test example")
+    if train_labels.min() < 0 or train_labels.max() >= num_classes:
+        raise ValueError(
+            f"train_labels must lie in [0, {num_classes}); got range "
+            f"[{train_labels.min()}, {train_labels.max()}]"
+        )
+
+
+def linear_probe(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 512,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Softmax regression on frozen features with optax Adam (the reference: 1e-3, 100 epochs,
+    batch 512), minibatches reshuffled every epoch. Features are L2-normalised first, as the
+    encoder's outputs are. Returns {"linear_top1"} on the test set.
+
+    The encoder cannot change: the probe only ever sees feature arrays.
+    """
+    import optax
+
+    train_features = np.asarray(train_features, np.float32)
+    test_features = np.asarray(test_features, np.float32)
+    train_labels = np.asarray(train_labels)
+    test_labels = np.asarray(test_labels)
+    _check_probe_inputs(train_features, train_labels, test_features, test_labels, num_classes)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate={learning_rate!r} must be > 0")
+
+    n, dim = train_features.shape
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size  # drop the last partial batch, as the reference loader
+    x = _normalize(train_features)
+    y = jnp.asarray(train_labels, jnp.int32)
+    tx = optax.adam(learning_rate)
+    params = {"w": jnp.zeros((dim, num_classes), jnp.float32), "b": jnp.zeros((num_classes,))}
+
+    def loss_fn(p, xb, yb):
+        logits = xb @ p["w"] + p["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    @jax.jit
+    def train(params, key):
+        def epoch(carry, epoch_key):
+            params, opt_state = carry
+            order = jax.random.permutation(epoch_key, n)[: steps_per_epoch * batch_size]
+            batches = order.reshape(steps_per_epoch, batch_size)
+
+            def step(carry, idx):
+                params, opt_state = carry
+                grads = jax.grad(loss_fn)(params, x[idx], y[idx])
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), None
+
+            return jax.lax.scan(step, (params, opt_state), batches)[0], None
+
+        keys = jax.random.split(key, epochs)
+        return jax.lax.scan(epoch, (params, tx.init(params)), keys)[0][0]
+
+    params = train(params, jax.random.key(seed))
+    logits = _normalize(test_features) @ params["w"] + params["b"]
+    top1 = np.asarray(jnp.argmax(logits, axis=1)) == test_labels
+    return {"linear_top1": float(np.mean(top1))}
+
+
+def ridge_probe(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    l2: float = 1e-3,
+) -> dict[str, float]:
+    """Closed-form ridge regression onto one-hot labels (with a bias), argmax on the test set.
+
+    A fast, deterministic stand-in for the linear probe. Returns {"ridge_top1"}.
+    """
+    train_features = np.asarray(train_features, np.float64)
+    test_features = np.asarray(test_features, np.float64)
+    train_labels = np.asarray(train_labels)
+    test_labels = np.asarray(test_labels)
+    _check_probe_inputs(train_features, train_labels, test_features, test_labels, num_classes)
+    if not l2 > 0:
+        raise ValueError(f"l2={l2!r} must be > 0")
+
+    def design(f):
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        return np.concatenate([f, np.ones((f.shape[0], 1))], axis=1)
+
+    a = design(train_features)
+    targets = np.eye(num_classes)[train_labels]
+    gram = a.T @ a + l2 * a.shape[0] * np.eye(a.shape[1])
+    weights = np.linalg.solve(gram, a.T @ targets)
+    predictions = np.argmax(design(test_features) @ weights, axis=1)
+    return {"ridge_top1": float(np.mean(predictions == test_labels))}
+
+
+# ----------------------------------------------------------------------------- a finished run
+
+
+def evaluate_workdir(
+    workdir: str,
+    *,
+    config=None,
+    step: int | None = None,
+    linear_epochs: int = 100,
+    linear_batch_size: int = 512,
+    linear_learning_rate: float = 1e-3,
+    ridge_l2: float = 1e-3,
+    seed: int = 0,
+) -> dict:
+    """Restores a run's checkpoint (the latest when ``step`` is None) and evaluates its encoder.
+
+    Encoder features (the layer before the projection head, L2-normalised, BatchNorm in inference
+    mode) of the train and test splits feed weighted kNN (the run's ``config.knn`` settings), the
+    optax linear probe and the ridge probe. Writes ``workdir/eval.json`` and returns the same:
+    ``knn_top1``, ``knn_top5``, ``linear_top1``, ``ridge_top1``, ``step`` and ``settings``.
+    """
+    from hscl_jax import data, models, trainer
+
+    config = trainer.load_config(workdir) if config is None else config
+    steps = trainer.checkpoint_steps(workdir)
+    if not steps:
+        raise ValueError(f"no complete checkpoint in {workdir}/checkpoints to evaluate")
+    step = steps[-1] if step is None else step
+    variables = trainer.restore_variables(workdir, step)
+    model = models.model_from_config(config.model)
+    devices = jax.local_devices()[:1]
+    feature_fn = trainer.make_feature_fn(model, devices)
+    replicated = trainer.replicate(variables, devices)
+    info = data.dataset_info(config.data.name)
+
+    def split_features(split):
+        batches = data.eval_iterator(
+            config.data, split=split, batch_size=config.knn.eval_batch_size, num_local_devices=1
+        )
+        return trainer.compute_features(feature_fn, replicated, batches)
+
+    train_x, train_y = split_features(info.train_split)
+    test_x, test_y = split_features(info.test_split)
+    common = dict(num_classes=info.num_classes)
+    results = {
+        **knn_accuracy(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            k=config.knn.k,
+            temperature=float(config.knn.temperature),
+            test_chunk_size=config.knn.test_chunk_size,
+            **common,
+        ),
+        **linear_probe(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            epochs=linear_epochs,
+            batch_size=linear_batch_size,
+            learning_rate=linear_learning_rate,
+            seed=seed,
+            **common,
+        ),
+        **ridge_probe(train_x, train_y, test_x, test_y, l2=ridge_l2, **common),
+    }
+    results["step"] = int(step)
+    results["settings"] = {
+        "dataset": config.data.name,
+        "num_train": int(train_x.shape[0]),
+        "num_test": int(test_x.shape[0]),
+        "feature_dim": int(train_x.shape[1]),
+        "knn_k": int(config.knn.k),
+        "knn_temperature": float(config.knn.temperature),
+        "linear_epochs": linear_epochs,
+        "linear_batch_size": linear_batch_size,
+        "linear_learning_rate": linear_learning_rate,
+        "linear_optimizer": "adam",
+        "ridge_l2": ridge_l2,
+    }
+    path = os.path.join(workdir, "eval.json")
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(f"{path}.tmp", path)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hscl_jax.evaluate",
+        description="Evaluate a training run's encoder: weighted kNN, linear and ridge probes.",
+    )
+    parser.add_argument("--workdir", required=True, help="the run's --workdir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
+    parser.add_argument("--linear_epochs", type=int, default=100)
+    parser.add_argument("--linear_batch_size", type=int, default=512)
+    parser.add_argument("--linear_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--ridge_l2", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    try:
+        results = evaluate_workdir(
+            args.workdir,
+            step=args.step,
+            linear_epochs=args.linear_epochs,
+            linear_batch_size=args.linear_batch_size,
+            linear_learning_rate=args.linear_learning_rate,
+            ridge_l2=args.ridge_l2,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in results.items() if k != "settings"}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

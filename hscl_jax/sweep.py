@@ -50,7 +50,7 @@ class Run:
 
 
 def grid_runs(grid) -> list[Run]:
-    """The runs of a grid: tilted methods once per beta, the others once, each for every seed."""
+    """The runs of a grid: tilted methods once per beta, the others once; for every seed."""
     methods = tuple(grid["methods"])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -61,11 +61,13 @@ def grid_runs(grid) -> list[Run]:
     seeds = tuple(int(s) for s in grid["seeds"])
     if not seeds:
         raise ValueError("the sweep grid needs at least one seed")
-    runs = []
-    for method in methods:
-        for beta in betas if method in TILTED else (0.0,):
-            runs.extend(Run(method, beta, seed) for seed in seeds)
-    return runs
+    # Seed-major order: a sweep stopped early still holds every cell for its first seeds.
+    return [
+        Run(method, beta, seed)
+        for seed in seeds
+        for method in methods
+        for beta in (betas if method in TILTED else (0.0,))
+    ]
 
 
 def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:

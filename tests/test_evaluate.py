@@ -1,4 +1,6 @@
-"""Tests for the weighted-kNN monitor in hscl_jax.evaluate."""
+"""Tests for hscl_jax.evaluate: weighted kNN, linear and ridge probes, evaluating a run."""
+
+import json
 
 import numpy as np
 import pytest
@@ -75,3 +77,112 @@ def test_bad_arguments(kwargs, match):
     call = {"num_classes": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
         evaluate.knn_predict(bank, labels, bank, **call)
+
+
+# ----------------------------------------------------------------------------- linear probes
+
+
+def _separable(seed, n_per_class=40, num_classes=4, dim=6):
+    """Classes around orthogonal directions: linearly separable by construction."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim, dtype=np.float32)[:num_classes] * 3.0
+    labels = np.repeat(np.arange(num_classes), n_per_class).astype(np.int32)
+    features = centres[labels] + 0.3 * rng.normal(size=(labels.size, dim)).astype(np.float32)
+    return features, labels
+
+
+@pytest.mark.parametrize("probe", ["linear", "ridge"])
+def test_probes_separate_separable_features(probe):
+    train_x, train_y = _separable(0)
+    test_x, test_y = _separable(1)
+    if probe == "linear":
+        result = evaluate.linear_probe(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            num_classes=4,
+            epochs=100,
+            batch_size=32,
+            learning_rate=1e-2,
+        )
+        assert result == {"linear_top1": 1.0}
+    else:
+        assert evaluate.ridge_probe(train_x, train_y, test_x, test_y, num_classes=4) == {
+            "ridge_top1": 1.0
+        }
+
+
+def test_linear_probe_is_chance_on_shuffled_labels():
+    """The probe's accuracy comes from the features: with labels shuffled it is near chance."""
+    train_x, train_y = _separable(0)
+    test_x, test_y = _separable(1)
+    shuffled = np.random.default_rng(2).permutation(train_y)
+    result = evaluate.linear_probe(
+        train_x, shuffled, test_x, test_y, num_classes=4, epochs=50, batch_size=32
+    )
+    assert result["linear_top1"] < 0.6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"epochs": 0}, "epochs=0"),
+        ({"batch_size": -1}, "batch_size=-1"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"num_classes": 2}, "train_labels must lie"),
+    ],
+)
+def test_linear_probe_bad_arguments(kwargs, match):
+    x, y = _separable(0)
+    with pytest.raises(ValueError, match=match):
+        evaluate.linear_probe(x, y, x, y, **{"num_classes": 4, **kwargs})
+    with pytest.raises(ValueError, match="dims differ"):
+        evaluate.ridge_probe(x, y, x[:, :3], y, num_classes=4)
+
+
+# ----------------------------------------------------------------------------- a finished run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from test_trainer import tiny_digits_config
+
+    from hscl_jax import trainer
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    trainer.train_and_evaluate(tiny_digits_config(num_steps=2), workdir)
+    return workdir
+
+
+def test_evaluate_workdir_writes_eval_json_and_keeps_the_encoder_frozen(finished_run):
+    import jax
+
+    from hscl_jax import trainer
+
+    before = trainer.restore_variables(finished_run)
+    results = evaluate.evaluate_workdir(finished_run, linear_epochs=3)
+    after = trainer.restore_variables(finished_run)
+    # Parameters and BatchNorm statistics are those of the checkpoint, before and after.
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    assert trainer.checkpoint_steps(finished_run) == [2]
+
+    with open(f"{finished_run}/eval.json") as f:
+        written = json.load(f)
+    assert written == results
+    for key in ("knn_top1", "knn_top5", "linear_top1", "ridge_top1"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["step"] == 2
+    assert results["settings"]["num_test"] == 359 and results["settings"]["linear_epochs"] == 3
+    # The kNN figure is the trainer's final monitor on the same checkpoint.
+    final = [json.loads(line) for line in open(f"{finished_run}/metrics.jsonl")]
+    knn = [r for r in final if "knn_top1" in r][-1]
+    assert knn["knn_top1"] == pytest.approx(results["knn_top1"])
+
+
+def test_evaluate_cli(finished_run, capsys):
+    assert evaluate.main(["--workdir", finished_run, "--linear_epochs", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"knn_top1", "knn_top5", "linear_top1", "ridge_top1", "step"}
+    assert evaluate.main(["--workdir", f"{finished_run}/nothing"]) == 1
+    assert "error:" in capsys.readouterr().err
