@@ -279,58 +279,9 @@ def beta_sweep(z1, z2, labels, betas: Iterable[float], *, temperature=0.5) -> di
 
 
 # ----------------------------------------------------------------------------- runs on disk
-# The trainer (hscl_jax/trainer.py) has no public restore function yet; these three helpers are
-# the whole interface the CLI needs from a run directory. The layout they read is the trainer's:
-# DIR/config.json, and orbax checkpoints DIR/checkpoints/<step>/{state, meta} where state holds
-# {"step", "params", "batch_stats", "opt_state"} and meta {"step", "config"}.
-
-
-def _checkpoint_manager(workdir: str):
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the finished checkpoints in ``workdir/checkpoints`` (empty if there are none)."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return []
-    manager = _checkpoint_manager(workdir)
-    try:
-        return sorted(int(step) for step in manager.all_steps())
-    finally:
-        manager.close()
-
-
-def restore_variables(workdir: str, step: int) -> dict[str, Any]:
-    """The model variables {"params", "batch_stats"} (numpy) saved at ``step``."""
-    import orbax.checkpoint as ocp
-
-    manager = _checkpoint_manager(workdir)
-    try:
-        if step not in manager.all_steps():
-            raise ValueError(
-                f"no checkpoint of step {step} in {workdir}/checkpoints; have {manager.all_steps()}"
-            )
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    finally:
-        manager.close()
-    state = restored["state"]
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}
-
-
-def load_run_config(workdir: str):
-    """The run's config (ml_collections.ConfigDict) from ``workdir/config.json``."""
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist: not a training run directory")
-    with open(path) as f:
-        config = json.load(f)
-    config.pop("resolved", None)
-    return ml_collections.ConfigDict(config)
+# A run directory is read with the trainer's own functions (hscl_jax.trainer.load_config,
+# checkpoint_steps, restore_variables), imported inside the functions that need them: the trainer
+# imports this module for its train-time monitor.
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -376,11 +327,12 @@ def theory_rows_from_metrics(
     """Rows of theory_train.csv from metrics.jsonl records holding every THEORY_KEYS metric.
 
     Train-time values are means over a logging interval, so the 0/1 flags become the fraction of
-    steps for which the inequality held.
+    steps for which the inequality held. The trainer's per-epoch records (key ``epoch``) repeat
+    those steps as epoch means and are skipped.
     """
     rows = []
     for record in records:
-        if not all(k in record for k in THEORY_KEYS):
+        if "epoch" in record or not all(k in record for k in THEORY_KEYS):
             continue
         step = int(record["step"])
         rows.append(
@@ -488,23 +440,26 @@ def analyze_checkpoints(
     ``batch_size``, default the run's global batch size, so Q matches training). Writes
     theory.csv, and for the latest analysed checkpoint beta_sweep.csv (``betas``; empty to skip)
     and embeddings.npz (encoder features of up to ``max_embeddings`` test examples; 0 to skip).
-    ``beta``/``temperature`` default to the run's config.loss values. Returns {name: path}.
+    ``beta``/``temperature`` default to the run's train-time monitor settings
+    (hscl_jax.trainer.theory_settings: config.theory, else following config.loss).
+    Returns {name: path}.
     """
     if batch_norm not in ("train", "eval"):
         raise ValueError(f"batch_norm must be 'train' or 'eval', got {batch_norm!r}")
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    from hscl_jax import models
+    from hscl_jax import models, trainer
 
-    config = load_run_config(workdir)
-    beta = _check_hyper("beta", config.loss.beta if beta is None else beta, positive=False)
+    config = trainer.load_config(workdir)
+    settings = trainer.theory_settings(config)
+    beta = _check_hyper("beta", settings["beta"] if beta is None else beta, positive=False)
     temperature = _check_hyper(
         "temperature",
-        config.loss.temperature if temperature is None else temperature,
+        settings["temperature"] if temperature is None else temperature,
         positive=True,
     )
     batch_size = config.global_batch_size if batch_size is None else batch_size
-    available = checkpoint_steps(workdir)
+    available = trainer.checkpoint_steps(workdir)
     if not available:
         raise ValueError(f"no checkpoints in {workdir}/checkpoints")
     if steps is None:
@@ -523,7 +478,7 @@ def analyze_checkpoints(
 
     rows, written = [], {}
     for step in steps:
-        variables = restore_variables(workdir, step)
+        variables = trainer.restore_variables(workdir, step)
         embedded = [
             (*embed(variables, batch["view1"], batch["view2"]), batch["label"]) for batch in batches
         ]
@@ -569,13 +524,15 @@ def analyze_checkpoints(
 
 def analyze_metrics(workdir: str, *, beta=None, temperature=None) -> dict[str, str]:
     """theory_train.csv from train-time theory metrics in metrics.jsonl ({} when there are none)."""
+    from hscl_jax import trainer
+
     config = None
     if os.path.exists(os.path.join(workdir, "config.json")):
-        config = load_run_config(workdir)
-    if beta is None and config is not None:
-        beta = float(config.loss.beta)
-    if temperature is None and config is not None:
-        temperature = float(config.loss.temperature)
+        config = trainer.load_config(workdir)
+    if config is not None:
+        settings = trainer.theory_settings(config)
+        beta = settings["beta"] if beta is None else beta
+        temperature = settings["temperature"] if temperature is None else temperature
     per_epoch = None if config is None else _steps_per_epoch(config, config.global_batch_size)
     rows = theory_rows_from_metrics(
         read_metrics(workdir), beta=beta, temperature=temperature, steps_per_epoch=per_epoch
@@ -639,11 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     workdir = args.workdir
-    from hscl_jax import plot
+    from hscl_jax import plot, trainer
 
     try:
         written = {}
-        has_checkpoints = bool(checkpoint_steps(workdir))
+        has_checkpoints = bool(trainer.checkpoint_steps(workdir))
         if args.source == "checkpoints" or (args.source == "auto" and has_checkpoints):
             written.update(
                 analyze_checkpoints(

@@ -4,8 +4,9 @@ Entry point: :func:`train_and_evaluate` (used by ``train.py``). The pieces are i
 own: :func:`base_config` (the config schema), :func:`validate_config`, :func:`create_optimizer`,
 :func:`create_train_state`, :func:`train_step` (one pure per-device step),
 :func:`make_pmap_train_step` and :func:`make_shard_map_train_step` (two wrappings of that same
-step), :func:`make_feature_fn`, :func:`knn_monitor`, and for finished runs
-:func:`checkpoint_steps` and :func:`restore_variables`.
+step), :func:`theory_options` and :func:`theory_settings` (the optional train-time theory
+monitor), :func:`make_feature_fn`, :func:`knn_monitor`, and for finished runs
+:func:`load_config`, :func:`checkpoint_steps` and :func:`restore_variables`.
 
 The step is written with named-axis collectives over ``AXIS_NAME`` only: the loss all-gathers the
 projections and labels so every device's anchors meet the whole global batch, each device's
@@ -34,7 +35,7 @@ from absl import logging
 from jax import lax
 from ml_collections import config_dict
 
-from hscl_jax import evaluate, losses, models
+from hscl_jax import analysis, evaluate, losses, models
 
 AXIS_NAME = "batch"
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "lars")
@@ -98,6 +99,11 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
       ``checkpoint_every_steps``, ``keep_checkpoints``, ``skip_nonfinite_steps`` (False: stop the
       run).
     - ``knn``: ``k``, ``temperature``, ``eval_batch_size`` (global), ``test_chunk_size``.
+    - ``theory``: the train-time theory monitor (hscl_jax.analysis.theory_metrics on every step's
+      projections: the four losses, Assumption 1, the inequality flags; logged with the step
+      metrics and as epoch means). ``enabled`` (False: the step is compiled without it),
+      ``beta`` (None: config.loss.beta when the loss takes a beta, else 1.0), ``temperature``
+      (None: config.loss.temperature).
     """
     from hscl_jax import data
 
@@ -155,6 +161,11 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     config.knn.temperature = 0.5
     config.knn.eval_batch_size = 512
     config.knn.test_chunk_size = 1024
+
+    config.theory = ml_collections.ConfigDict()
+    config.theory.enabled = False
+    config.theory.beta = config_dict.placeholder(float)
+    config.theory.temperature = config_dict.placeholder(float)
     return config
 
 
@@ -187,6 +198,31 @@ def loss_options(loss_config) -> dict[str, Any]:
     return {
         key: value for key, value in loss_config.items() if key in allowed and value is not None
     }
+
+
+def theory_settings(config) -> dict[str, float]:
+    """``{"beta", "temperature"}`` the train-time theory monitor uses (or would use) for ``config``.
+
+    Unset values follow the loss: beta is config.loss.beta when the loss takes a beta (else 1.0),
+    the temperature config.loss.temperature. A config without a ``theory`` entry (a run written
+    before it existed) follows the loss.
+    """
+    theory = config.get("theory") or {}
+    beta = theory.get("beta")
+    if beta is None:
+        beta = loss_options(config.loss).get("beta", 1.0)
+    temperature = theory.get("temperature")
+    if temperature is None:
+        temperature = config.loss.temperature
+    return {"beta": float(beta), "temperature": float(temperature)}
+
+
+def theory_options(config) -> dict[str, float] | None:
+    """:func:`theory_settings` when config.theory.enabled, else None (the monitor is off)."""
+    theory = config.get("theory")
+    if theory is None or not theory.get("enabled"):
+        return None
+    return theory_settings(config)
 
 
 def num_devices_for(config) -> int:
@@ -290,6 +326,27 @@ def validate_config(config) -> None:
         f"config.knn.eval_batch_size={config.knn.eval_batch_size} is not divisible by the "
         f"{total_devices} devices",
     )
+
+    # Theory monitor.
+    theory = config.get("theory")
+    if theory is not None:
+        _require(
+            isinstance(theory.enabled, bool),
+            f"config.theory.enabled={theory.enabled!r} must be True or False",
+        )
+        for key, lowest, allowed in (("beta", 0.0, ">= 0"), ("temperature", None, "> 0")):
+            value = theory.get(key)
+            _require(
+                value is None
+                or (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                    and (value >= lowest if lowest is not None else value > 0)
+                ),
+                f"config.theory.{key}={value!r} must be None (follow config.loss) or a finite "
+                f"number {allowed}",
+            )
 
 
 def total_steps_for(config) -> int:
@@ -421,6 +478,7 @@ def train_step(
     loss_name: str,
     loss_kwargs: dict[str, Any],
     axis_name: str = AXIS_NAME,
+    theory_kwargs: dict[str, float] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on this device's share of the global batch.
 
@@ -429,6 +487,9 @@ def train_step(
     A step whose loss or gradient is not finite leaves params, BatchNorm statistics and optimizer
     state unchanged (the step counter still advances) and reports ``finite = 0``.
     Every returned metric is global (identical on all devices).
+    ``theory_kwargs`` ({"beta", "temperature"}, see :func:`theory_options`) adds
+    hscl_jax.analysis.theory_metrics of the step's projections (keys analysis.THEORY_KEYS; no
+    effect on the update); None leaves it out of the compiled step.
     """
     num_images = batch["view1"].shape[0]
     # One forward pass over both views: BatchNorm sees (and syncs) the statistics of all 2b views.
@@ -452,9 +513,12 @@ def train_step(
             return_aux=True,
             **loss_kwargs,
         )
-        return loss, (aux, updates["batch_stats"])
+        projections = None if theory_kwargs is None else (z1, z2)
+        return loss, (aux, updates["batch_stats"], projections)
 
-    (loss, (aux, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, (aux, batch_stats, projections)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params
+    )
     # Each device holds its share of the global-loss gradient: the total is the sum.
     grads = lax.psum(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -474,10 +538,15 @@ def train_step(
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux._asdict().items()})
+    if theory_kwargs is not None:
+        z1, z2 = (lax.stop_gradient(z) for z in projections)
+        metrics.update(
+            analysis.theory_metrics(z1, z2, batch["label"], axis_name=axis_name, **theory_kwargs)
+        )
     return new_state, metrics
 
 
-def _step_fn(model, tx, loss_name, loss_kwargs):
+def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs):
     return functools.partial(
         train_step,
         model=model,
@@ -485,6 +554,7 @@ def _step_fn(model, tx, loss_name, loss_kwargs):
         loss_name=loss_name,
         loss_kwargs=dict(loss_kwargs),
         axis_name=AXIS_NAME,
+        theory_kwargs=None if theory_kwargs is None else dict(theory_kwargs),
     )
 
 
@@ -508,20 +578,25 @@ def first_replica_to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
-def make_pmap_train_step(model, tx, loss_name, loss_kwargs, devices=None) -> Callable:
+def make_pmap_train_step(
+    model, tx, loss_name, loss_kwargs, devices=None, *, theory_kwargs=None
+) -> Callable:
     """``train_step`` under ``jax.pmap(axis_name=AXIS_NAME)``: replicated state, (D, b, ...) batch.
 
-    The state argument is donated (its buffers are reused for the new state).
+    The state argument is donated (its buffers are reused for the new state). ``theory_kwargs``:
+    see :func:`train_step`.
     """
     return jax.pmap(
-        _step_fn(model, tx, loss_name, loss_kwargs),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs),
         axis_name=AXIS_NAME,
         devices=devices,
         donate_argnums=(0,),
     )
 
 
-def make_shard_map_train_step(model, tx, loss_name, loss_kwargs, mesh) -> Callable:
+def make_shard_map_train_step(
+    model, tx, loss_name, loss_kwargs, mesh, *, theory_kwargs=None
+) -> Callable:
     """The same ``train_step`` under ``jax.shard_map`` over a 1-D mesh with axis AXIS_NAME.
 
     Takes the unreplicated state and the global batch (leading axis = global batch, sharded over
@@ -531,7 +606,7 @@ def make_shard_map_train_step(model, tx, loss_name, loss_kwargs, mesh) -> Callab
 
     replicated, sharded = PartitionSpec(), PartitionSpec(AXIS_NAME)
     mapped = jax.shard_map(
-        _step_fn(model, tx, loss_name, loss_kwargs),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs),
         mesh=mesh,
         in_specs=(replicated, sharded),
         out_specs=(replicated, replicated),
@@ -659,7 +734,9 @@ class MetricWriter:
                     )
                 )
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
+    def write(self, step: int, metrics: dict[str, float], *, tensorboard_prefix: str = "") -> None:
+        """One metrics.jsonl record {"step", **metrics}; TensorBoard tags get
+        ``tensorboard_prefix`` (keeps e.g. epoch means apart from the step values of a tag)."""
         if not self._enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
@@ -670,7 +747,7 @@ class MetricWriter:
 
             summary = summary_pb2.Summary(
                 value=[
-                    summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                    summary_pb2.Summary.Value(tag=tensorboard_prefix + k, simple_value=float(v))
                     for k, v in metrics.items()
                 ]
             )
@@ -722,6 +799,18 @@ def _checkpoint_manager(workdir: str, keep: int | None = None, *, create: bool =
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
     )
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with, from ``workdir/config.json`` (without the
+    ``resolved`` entry the trainer adds there)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: not a training run directory")
+    with open(path) as f:
+        saved = json.load(f)
+    saved.pop("resolved", None)
+    return ml_collections.ConfigDict(saved)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -844,6 +933,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     info = data.dataset_info(config.data.name)
     total_steps = _config_errors_from(total_steps_for, config)
     loss_kwargs = loss_options(config.loss)
+    theory_kwargs = theory_options(config)
+    # Epoch ends get a record of the epoch's mean theory metrics (0: none).
+    steps_per_epoch = 0
+    if theory_kwargs is not None:
+        steps_per_epoch = _config_errors_from(
+            data.steps_per_epoch, config.data, config.global_batch_size
+        )
 
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     latest = manager.latest_step()
@@ -870,6 +966,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "per_device_batch_size": config.global_batch_size
             // (jax.process_count() * num_local_devices),
             "loss_options": loss_kwargs,
+            "theory_options": theory_kwargs,
             "feature_dim": models.feature_dim(model),
             "jax_backend": jax.default_backend(),
         },
@@ -911,7 +1008,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     writer = MetricWriter(workdir, enabled=is_chief, resumed_at=latest)
-    p_train_step = make_pmap_train_step(model, tx, config.loss.name, loss_kwargs, devices)
+    p_train_step = make_pmap_train_step(
+        model, tx, config.loss.name, loss_kwargs, devices, theory_kwargs=theory_kwargs
+    )
+    step_metric_keys = ("loss", "grad_norm", *_AUX_KEYS)
+    if theory_kwargs is not None:
+        step_metric_keys += analysis.THEORY_KEYS
+        logging.info("Theory monitor on: %s", theory_kwargs)
     feature_fn = make_feature_fn(model, devices)
 
     def run_knn(step: int) -> dict[str, float]:
@@ -935,6 +1038,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     final_metrics: dict[str, float] = {}
     pending: list[tuple[int, dict[str, jax.Array]]] = []
+    # Theory metrics of this epoch's finite steps (host floats); one step's dict each.
+    epoch_theory: list[dict[str, float]] = []
     skipped_total = 0
     interval_start_time = time.time()
     interval_start_step = start_step
@@ -959,10 +1064,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if bad_steps:
             skipped_total += len(bad_steps)
             logging.warning("skipped non-finite steps %s", bad_steps)
-        finite_metrics = [m for s, m in fetched if m["finite"] >= 1] or [fetched[-1][1]]
+        finite_metrics = [m for s, m in fetched if m["finite"] >= 1]
+        if theory_kwargs is not None:
+            epoch_theory.extend({k: m[k] for k in analysis.THEORY_KEYS} for m in finite_metrics)
+        finite_metrics = finite_metrics or [fetched[-1][1]]
         summary = {
-            key: float(np.mean([m[key] for m in finite_metrics]))
-            for key in ("loss", "grad_norm", *_AUX_KEYS)
+            key: float(np.mean([m[key] for m in finite_metrics])) for key in step_metric_keys
         }
         elapsed = time.time() - interval_start_time
         steps_per_sec = (step - interval_start_step) / max(elapsed, 1e-9)
@@ -991,6 +1098,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         interval_start_time = time.time()
         interval_start_step = step
 
+    def write_epoch_theory(step: int) -> None:
+        """Record {"step", "epoch", THEORY_KEYS} of the epoch ending at ``step``: means over its
+        finite steps (after a resume mid-epoch, over the steps run since the resume)."""
+        nonlocal epoch_theory
+        steps, epoch_theory = epoch_theory, []
+        if not steps:
+            logging.warning("epoch ending at step %d had no finite step: no theory record", step)
+            return
+        record = {"epoch": step // steps_per_epoch}
+        record.update({k: float(np.mean([m[k] for m in steps])) for k in analysis.THEORY_KEYS})
+        writer.write(step, record, tensorboard_prefix="epoch/")
+        logging.info(
+            "epoch %d: hscl %.4f hucl %.4f scl %.4f ucl %.4f | assumption holds for %.3f",
+            record["epoch"],
+            record["hscl"],
+            record["hucl"],
+            record["scl"],
+            record["ucl"],
+            record["assumption_fraction"],
+        )
+
     batches = data.prefetch_to_device(batches, size=2)
     last_knn_step = None
     loop_start = time.time()
@@ -1009,8 +1137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             eval_due = is_last or (
                 config.eval_every_steps > 0 and step % config.eval_every_steps == 0
             )
-            if step % config.log_every_steps == 0 or checkpoint_due or eval_due:
+            epoch_due = steps_per_epoch > 0 and step % steps_per_epoch == 0
+            if step % config.log_every_steps == 0 or checkpoint_due or eval_due or epoch_due:
                 flush_metrics(step)
+            if epoch_due:
+                write_epoch_theory(step)
             if checkpoint_due:
                 save(step)
             if eval_due:

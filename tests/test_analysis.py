@@ -233,6 +233,8 @@ def test_cli_turns_train_time_metrics_into_csv_and_plots(tmp_path, capsys):
         _theory_record(2),
         {"step": 2, "knn_top1": 0.2, "knn_top5": 0.6},
         _theory_record(4, hscl=2.8, assumption_fraction=0.5),
+        # The trainer's epoch-mean record repeats the steps above: not a row of its own.
+        _theory_record(4, epoch=1.0, hscl=2.9),
     ]
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -294,7 +296,7 @@ def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     assert rows[0]["hscl"] != rows[1]["hscl"]
     # The step-2 row is the monitor on the run's first training batch, embedded as in training.
     batch = next(data.train_iterator(config.data, global_batch_size=8, seed=0, num_local_devices=1))
-    variables = analysis.restore_variables(workdir, 2)
+    variables = trainer.restore_variables(workdir, 2)
     images = np.concatenate([batch["view1"][0], batch["view2"][0]])
     (_, z), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
     expected = analysis.theory_metrics(z[:8], z[8:], batch["label"][0], beta=2.0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from hscl_jax import data, models, trainer
+from hscl_jax import analysis, data, losses, models, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -224,6 +224,8 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(tmp_path, monkeypatch)
     ):
         assert np.isfinite(train_records[-1][key]), key
     assert train_records[-1]["num_anchors"] == 32  # 16 images x 2 views, all valid
+    assert not set(analysis.THEORY_KEYS) & set(train_records[-1])  # the monitor is off by default
+    assert not any("epoch" in r for r in records)
     assert train_records[-1]["learning_rate"] == pytest.approx(1e-3)
     assert [r["skipped_steps"] for r in train_records] == [0, 1]
     for record in knn_records:
@@ -241,6 +243,9 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(tmp_path, monkeypatch)
         resolved = json.load(f)
     assert resolved["loss"]["name"] == "hscl" and resolved["resolved"]["total_steps"] == 4
     assert resolved["resolved"]["per_device_batch_size"] == 16
+    assert resolved["resolved"]["theory_options"] is None
+    saved = trainer.load_config(workdir)
+    assert "resolved" not in saved and saved.loss.name == "hscl" and saved.num_steps == 4
 
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
@@ -266,6 +271,103 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(tmp_path, monkeypatch)
         match=r"checkpoint step 4 .* has shape \(4,\) but this config needs \(8,\)",
     ):
         trainer.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.slow
+def test_theory_monitor_logs_the_four_losses_per_step_and_per_epoch(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "theory")
+    # Keep the initial state and the first training batch the run itself uses.
+    seen = {}
+    real_iterator, real_create = data.train_iterator, trainer.create_train_state
+
+    def recording_iterator(*args, **kwargs):
+        for batch in real_iterator(*args, **kwargs):
+            seen.setdefault("batch", jax.tree.map(np.array, batch))
+            yield batch
+
+    def recording_create(*args, **kwargs):
+        state = real_create(*args, **kwargs)
+        seen["state"] = jax.device_get(state)
+        return state
+
+    monkeypatch.setattr(data, "train_iterator", recording_iterator)
+    monkeypatch.setattr(trainer, "create_train_state", recording_create)
+    config = tiny_digits_config(global_batch_size=256, log_every_steps=1)
+    steps_per_epoch = data.steps_per_epoch(config.data, 256)
+    assert steps_per_epoch == 5
+    config.num_steps = steps_per_epoch + 1
+    config.checkpoint_every_steps = 100
+    config.theory.enabled = True
+    config.loss.beta = 2.0  # the monitor follows the loss's beta and temperature
+    config.loss.temperature = 0.4
+    trainer.train_and_evaluate(config, workdir)
+
+    records = _read_metrics(workdir)
+    step_records = [r for r in records if "loss" in r]
+    epoch_records = [r for r in records if "epoch" in r]
+    assert [r["step"] for r in step_records] == [1, 2, 3, 4, 5, 6]
+    for record in step_records:
+        assert set(analysis.THEORY_KEYS) <= set(record)
+        assert 0.0 <= record["assumption_fraction"] <= 1.0
+        assert record["assumption_num_anchors"] > 0
+    assert [(r["step"], r["epoch"]) for r in epoch_records] == [(5, 1.0)]
+    assert set(epoch_records[0]) == {"step", "epoch", *analysis.THEORY_KEYS}
+    for key in analysis.THEORY_KEYS:
+        values = [r[key] for r in step_records[:steps_per_epoch]]
+        np.testing.assert_allclose(epoch_records[0][key], np.mean(values), rtol=1e-6, err_msg=key)
+    assert len({r["hscl"] for r in step_records}) == 6  # a value per batch, not a constant
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["resolved"]["theory_options"] == {"beta": 2.0, "temperature": 0.4}
+
+    # Step 1's values equal direct calls on the projections, under the initial parameters, of
+    # the run's first batch.
+    first = step_records[0]
+    state, batch = seen["state"], seen["batch"]
+    model = models.model_from_config(config.model)
+    images = np.concatenate([batch["view1"][0], batch["view2"][0]])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    project = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0][1])
+    z = project(variables, images)
+    z1, z2, labels = z[:256], z[256:], batch["label"][0]
+    options = {"temperature": 0.4}
+    direct = {
+        "hscl": losses.hscl(z1, z2, labels, beta=2.0, positives="partner", **options),
+        "hucl": losses.hucl(z1, z2, beta=2.0, tau_plus=0.0, clamp=False, **options),
+        "scl": losses.scl(z1, z2, labels, positives="partner", **options),
+        "ucl": losses.ucl(z1, z2, **options),
+    }
+    direct.update(analysis.assumption1(z1, z2, labels, beta=2.0, **options))
+    for key, value in direct.items():
+        np.testing.assert_allclose(first[key], value, rtol=2e-5, err_msg=key)
+    assert first["hscl_le_hucl"] == float(direct["hscl"] <= direct["hucl"])
+    assert first["ucl_lt_hscl"] == float(direct["ucl"] < direct["hscl"])
+    # The training loss (all same-label positives) is not the monitor's partner-positive H-SCL.
+    training_loss = losses.hscl(z1, z2, labels, beta=2.0, **options)
+    np.testing.assert_allclose(first["loss"], training_loss, rtol=2e-5)
+    assert abs(first["loss"] - first["hscl"]) > 1e-3
+
+
+def test_theory_settings_follow_the_loss_and_bad_values_are_rejected():
+    config = tiny_digits_config()
+    assert trainer.theory_options(config) is None
+    assert trainer.theory_settings(config) == {"beta": 1.0, "temperature": 0.5}
+    config.theory.enabled = True
+    config.loss.name = "ucl"
+    config.loss.beta = 3.0  # ucl takes no beta: the monitor uses 1.0
+    assert trainer.theory_options(config) == {"beta": 1.0, "temperature": 0.5}
+    config.theory.beta = 0.0
+    config.theory.temperature = 0.2
+    assert trainer.theory_options(config) == {"beta": 0.0, "temperature": 0.2}
+    trainer.validate_config(config)
+    for field, value, match in (
+        ("theory.beta", -1.0, r"config.theory.beta=-1.0 must be None .* >= 0"),
+        ("theory.temperature", 0.0, r"config.theory.temperature=0.0 must be None .* > 0"),
+        ("theory.enabled", "yes", "config.theory.enabled='yes' must be True or False"),
+    ):
+        bad = tiny_digits_config()
+        _set(bad, field, value)
+        with pytest.raises(trainer.ConfigError, match=match):
+            trainer.validate_config(bad)
 
 
 @pytest.mark.slow
