@@ -337,7 +337,12 @@ def _anchor_terms(
     block_size: int | None,
     dtype,
 ):
-    """Per-anchor loss sums and counts (and aux parts), summed over the anchors in ``rows``."""
+    """Per-anchor loss sums and counts (and aux parts), summed over the anchors in ``rows``.
+
+    ``cols`` is the contrast set; with ``block_size`` it comes already padded and stacked into
+    (num_blocks, block_size, ...) tiles, made once outside the loop over row blocks so that no
+    copy of it becomes a per-iteration residual of the backward pass.
+    """
     kernel = _AnchorKernel(spec, hyper)
     vaccumulate = jax.vmap(kernel.accumulate)
     n_rows = rows.z.shape[0]
@@ -358,7 +363,7 @@ def _anchor_terms(
     if block_size is None:
         state = stats_of_tile(state0, cols)
     else:
-        col_tiles = _pad_blocks(cols, block_size)
+        col_tiles = cols
         body = jax.checkpoint(lambda st, tile: (stats_of_tile(st, tile), None))
         state, _ = lax.scan(body, state0, col_tiles)
 
@@ -445,9 +450,10 @@ def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_si
 
     def terms(row_views: _Views, row_partner, row_s_partner):
         return _anchor_terms(
-            spec, hyper, row_views, row_partner, row_s_partner, cols, log_q, block_size, dtype
+            spec, hyper, row_views, row_partner, row_s_partner, contrast, log_q, block_size, dtype
         )
 
+    contrast = cols if block_size is None else _pad_blocks(cols, block_size)
     if block_size is None:
         total, count, aux_parts = terms(rows, partner, s_partner)
     else:
