@@ -125,42 +125,19 @@ def four_losses(z1, z2, labels, *, beta, temperature=0.5, axis_name=None) -> dic
 # ----------------------------------------------------------------------------- Assumption 1
 
 
-def _masked_lse(x, mask):
-    """log(sum over mask of exp(x)) for one row; -inf for an empty mask."""
-    x = jnp.where(mask, x, -jnp.inf)
-    peak = jnp.max(x)
-    shift = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    total = jnp.sum(jnp.where(mask, jnp.exp(x - shift), 0.0))
-    return jnp.where(total > 0, shift + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-
-
 def _tilted_log_mean(s_row, mask, beta):
     """log of sum_j exp((beta+1) s_j) / sum_j exp(beta s_j) over the masked j of one anchor."""
-    return _masked_lse((beta + 1.0) * s_row, mask) - _masked_lse(beta * s_row, mask)
+    lse = losses.masked_logsumexp
+    return lse((beta + 1.0) * s_row, mask) - lse(beta * s_row, mask)
 
 
 def _assumption1_sums(z1, z2, labels, beta, temperature, axis_name):
     """Anchors counted, anchors for which m_same >= m_diff, and the sum of their log-ratios."""
     dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
-    b = z1.shape[0]
-    labels = jnp.asarray(labels, jnp.int32)
-    if axis_name is None:
-        device, z1_all, z2_all, labels_all = 0, z1, z2, labels
-    else:
-        device = lax.axis_index(axis_name)
-        z1_all, z2_all, labels_all = (
-            lax.all_gather(x, axis_name, tiled=True) for x in (z1, z2, labels)
-        )
-    big_b = z1_all.shape[0]
-    local = device * b + jnp.arange(b)
-    row_index = jnp.concatenate([local, local + big_b])
-    row_partner = (row_index + big_b) % (2 * big_b)
-    row_label = jnp.concatenate([labels, labels])
-    col_index = jnp.arange(2 * big_b)
-    col_label = jnp.concatenate([labels_all, labels_all])
-
-    rows = jnp.concatenate([z1, z2]).astype(dtype)
-    cols = jnp.concatenate([z1_all, z2_all]).astype(dtype)
+    rows, row_partner, cols = losses.contrast_views(z1, z2, labels, axis_name)
+    row_index, row_label = rows.index, rows.label
+    col_index, col_label = cols.index, cols.label
+    rows, cols = rows.z.astype(dtype), cols.z.astype(dtype)
     s = rows @ cols.T / temperature
     candidate = (col_index[None, :] != row_index[:, None]) & (
         col_index[None, :] != row_partner[:, None]

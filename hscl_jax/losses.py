@@ -276,7 +276,7 @@ class _AnchorKernel:
 # ----------------------------------------------------------------------------- batch level
 
 
-class _Views(NamedTuple):
+class ContrastViews(NamedTuple):
     """Embeddings with the metadata the masks need: global view index, label, padding flag."""
 
     z: Array
@@ -285,7 +285,7 @@ class _Views(NamedTuple):
     real: Array  # False for rows added to pad the last block
 
 
-def _tile_masks(spec: _Spec, rows: _Views, partner_index: Array, cols: _Views):
+def _tile_masks(spec: _Spec, rows: ContrastViews, partner_index: Array, cols: ContrastViews):
     same_label = rows.label[:, None] == cols.label[None, :]
     not_self = rows.index[:, None] != cols.index[None, :]
     real = rows.real[:, None] & cols.real[None, :]
@@ -303,7 +303,7 @@ def _tile_masks(spec: _Spec, rows: _Views, partner_index: Array, cols: _Views):
     return pos, not_self & real, other_class
 
 
-def _similarities(rows: _Views, cols: _Views, temperature, dtype) -> Array:
+def _similarities(rows: ContrastViews, cols: ContrastViews, temperature, dtype) -> Array:
     # bfloat16 inputs multiply natively and accumulate in float32.
     s = jnp.matmul(rows.z, cols.z.T, preferred_element_type=dtype)
     return s / temperature
@@ -317,8 +317,8 @@ def _blocked(x: Array, block: int, fill) -> Array:
     return x.reshape((padded // block, block) + x.shape[1:])
 
 
-def _pad_blocks(views: _Views, block: int) -> _Views:
-    return _Views(
+def _pad_blocks(views: ContrastViews, block: int) -> ContrastViews:
+    return ContrastViews(
         _blocked(views.z, block, 0),
         _blocked(views.index, block, -1),
         _blocked(views.label, block, 0),
@@ -329,10 +329,10 @@ def _pad_blocks(views: _Views, block: int) -> _Views:
 def _anchor_terms(
     spec: _Spec,
     hyper: _Hyper,
-    rows: _Views,
+    rows: ContrastViews,
     partner: Array,
     s_partner: Array,
-    cols: _Views,
+    cols: ContrastViews,
     log_q: float,
     block_size: int | None,
     dtype,
@@ -347,14 +347,14 @@ def _anchor_terms(
     vaccumulate = jax.vmap(kernel.accumulate)
     n_rows = rows.z.shape[0]
 
-    def stats_of_tile(state, col_tile: _Views):
+    def stats_of_tile(state, col_tile: ContrastViews):
         s = _similarities(rows, col_tile, hyper.temperature, dtype)
         pos, neg, other = _tile_masks(spec, rows, partner, col_tile)
         if pos is None:
             pos = jnp.zeros_like(neg)
         return vaccumulate(state, s, pos, neg, other)
 
-    def positives_of_tile(offset, col_tile: _Views):
+    def positives_of_tile(offset, col_tile: ContrastViews):
         s = _similarities(rows, col_tile, hyper.temperature, dtype)
         pos, _, _ = _tile_masks(spec, rows, partner, col_tile)
         return jax.vmap(kernel.positive_sum)(offset, s, pos)
@@ -414,10 +414,13 @@ def _anchor_terms(
     return jnp.sum(anchor_sum), jnp.sum(anchor_count), aux_parts
 
 
-@jax.named_call
-def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_size):
-    dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
-    hyper = _Hyper(*(jnp.asarray(h, dtype) for h in hyper))
+def contrast_views(z1, z2, labels, axis_name=None) -> tuple[ContrastViews, Array, ContrastViews]:
+    """This device's anchors, their partners' global indices, and the global contrast set.
+
+    Views are ordered as in SPEC.md over the global batch: view 1 of every image, then view 2,
+    so device ``d``'s rows are global views ``d*b .. d*b+b-1`` and ``B + d*b ..``. Without
+    ``axis_name`` the device is the whole batch. ``labels=None`` labels every view 0.
+    """
     b = z1.shape[0]
     labels = jnp.zeros((b,), jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
     if axis_name is None:
@@ -430,25 +433,39 @@ def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_si
     big_b = z1_all.shape[0]
     n_views = 2 * big_b
     local = device * b + jnp.arange(b)
-    rows = _Views(
+    rows = ContrastViews(
         jnp.concatenate([z1, z2]),
         jnp.concatenate([local, local + big_b]),
         jnp.concatenate([labels, labels]),
         jnp.ones((2 * b,), bool),
     )
     partner = (rows.index + big_b) % n_views
-    cols = _Views(
+    cols = ContrastViews(
         jnp.concatenate([z1_all, z2_all]),
         jnp.arange(n_views),
         jnp.concatenate([labels_all, labels_all]),
         jnp.ones((n_views,), bool),
     )
+    return rows, partner, cols
+
+
+def masked_logsumexp(x: Array, mask: Array) -> Array:
+    """log(sum over the masked entries of exp(x)) of one row; -inf when the mask is empty."""
+    return _lse_value(*_masked_lse_update(-jnp.inf, 0.0, x, mask))
+
+
+@jax.named_call
+def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_size):
+    dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
+    hyper = _Hyper(*(jnp.asarray(h, dtype) for h in hyper))
+    rows, partner, cols = contrast_views(z1, z2, labels, axis_name)
+    n_views = cols.z.shape[0]
     z_rows32, z_partner32 = rows.z.astype(dtype), jnp.concatenate([z2, z1]).astype(dtype)
     s_partner = jnp.sum(z_rows32 * z_partner32, axis=-1) / hyper.temperature
     # Q = 2B - 2 over the global batch; log(0) for B = 1 leaves no valid anchor anyway.
     log_q = math.log(max(n_views - 2, 1))
 
-    def terms(row_views: _Views, row_partner, row_s_partner):
+    def terms(row_views: ContrastViews, row_partner, row_s_partner):
         return _anchor_terms(
             spec, hyper, row_views, row_partner, row_s_partner, contrast, log_q, block_size, dtype
         )
