@@ -161,11 +161,16 @@ def _check_positives(positives: Any) -> str:
 # ----------------------------------------------------------------------------- per-anchor kernel
 
 
-def _masked_lse_update(run_max, run_sum, x, mask):
-    """Folds the masked entries of one row block ``x`` into a running log-sum-exp."""
+def _masked_lse_update(run_max, run_sum, x, mask, block_max=None):
+    """Folds the masked entries of one row block ``x`` into a running log-sum-exp.
+
+    ``block_max``, when the caller knows it, is the max of the masked ``x`` (saves a reduction).
+    """
     x = jnp.where(mask, x, -jnp.inf)
+    if block_max is None:
+        block_max = jnp.max(x)
     # The shift is a constant for autodiff: LSE's gradient does not depend on it.
-    new_max = jnp.maximum(run_max, lax.stop_gradient(jnp.max(x)))
+    new_max = jnp.maximum(run_max, lax.stop_gradient(block_max))
     shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
     new_sum = run_sum * jnp.exp(run_max - shift) + jnp.sum(jnp.exp(x - shift))
     return new_max, new_sum
@@ -175,6 +180,20 @@ def _lse_value(run_max, run_sum):
     """log(sum) of a running accumulator; -inf for an empty one, with finite gradients."""
     nonempty = run_sum > 0
     return jnp.where(nonempty, run_max + jnp.log(jnp.where(nonempty, run_sum, 1.0)), -jnp.inf)
+
+
+@jax.custom_jvp
+def _softplus(x):
+    """log(1 + exp(x)) for finite x: over a whole similarity row, jax.nn.softplus's inf/nan
+    handling costs more than the function itself."""
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@_softplus.defjvp
+def _softplus_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _softplus(x)
+    return y, dx * jnp.exp(x - y)  # sigmoid(x), from the value already computed
 
 
 class _AnchorKernel:
@@ -205,18 +224,26 @@ class _AnchorKernel:
         """
         spec, state = self.spec, dict(state)
         beta = self.hyper.beta
+        # One reduction serves every exponent: max(a s) = a max(s) for a >= 0.
+        s_max = lax.stop_gradient(jnp.max(jnp.where(neg_row, s_row, -jnp.inf)))
+        finite = jnp.isfinite(s_max)
+        s_max = jnp.where(finite, s_max, 0.0)
+
+        def scaled_max(scale):  # -inf for a block without negatives, never 0 * inf
+            return jnp.where(finite, scale * s_max, -jnp.inf)
+
         if self.tilted:
             # detach_weights: LSE(s + stop_gradient(beta s)) has the value of LSE((beta+1) s) and
             # the gradient that holds the importance weights exp(beta s) constant.
             hi = s_row + beta * (lax.stop_gradient(s_row) if spec.detach_weights else s_row)
-            lo = beta * s_row
             state["lo_max"], state["lo_sum"] = _masked_lse_update(
-                state["lo_max"], state["lo_sum"], lo, neg_row
+                state["lo_max"], state["lo_sum"], beta * s_row, neg_row, scaled_max(beta)
             )
         else:
             hi = s_row
+        hi_scale = beta + 1.0 if self.tilted else 1.0
         state["hi_max"], state["hi_sum"] = _masked_lse_update(
-            state["hi_max"], state["hi_sum"], hi, neg_row
+            state["hi_max"], state["hi_sum"], hi, neg_row, scaled_max(hi_scale)
         )
         state["n_neg"] = state["n_neg"] + jnp.sum(neg_row, dtype=s_row.dtype)
         state["n_pos"] = state["n_pos"] + jnp.sum(pos_row, dtype=s_row.dtype)
@@ -228,7 +255,11 @@ class _AnchorKernel:
             state["n_neg_aux"] = state["n_neg_aux"] + jnp.sum(aux_neg_row, dtype=s_row.dtype)
             if self.tilted:
                 state["sq_max"], state["sq_sum"] = _masked_lse_update(
-                    state["sq_max"], state["sq_sum"], 2.0 * beta * s_const, neg_row
+                    state["sq_max"],
+                    state["sq_sum"],
+                    2.0 * beta * s_const,
+                    neg_row,
+                    scaled_max(2 * beta),
                 )
         return state
 
@@ -270,7 +301,7 @@ class _AnchorKernel:
 
     def positive_sum(self, offset, s_row, pos_row):
         """Sum over one block of an anchor's positives of softplus(offset - s_ij)."""
-        return jnp.sum(jnp.where(pos_row, jax.nn.softplus(offset - s_row), 0.0))
+        return jnp.sum(jnp.where(pos_row, _softplus(offset - s_row), 0.0))
 
 
 # ----------------------------------------------------------------------------- batch level
@@ -347,21 +378,26 @@ def _anchor_terms(
     vaccumulate = jax.vmap(kernel.accumulate)
     n_rows = rows.z.shape[0]
 
-    def stats_of_tile(state, col_tile: ContrastViews):
+    def tile(col_tile: ContrastViews):
         s = _similarities(rows, col_tile, hyper.temperature, dtype)
-        pos, neg, other = _tile_masks(spec, rows, partner, col_tile)
+        return (s, *_tile_masks(spec, rows, partner, col_tile))
+
+    def stats_of_tile(state, col_tile: ContrastViews, computed=None):
+        s, pos, neg, other = tile(col_tile) if computed is None else computed
         if pos is None:
             pos = jnp.zeros_like(neg)
         return vaccumulate(state, s, pos, neg, other)
 
-    def positives_of_tile(offset, col_tile: ContrastViews):
-        s = _similarities(rows, col_tile, hyper.temperature, dtype)
-        pos, _, _ = _tile_masks(spec, rows, partner, col_tile)
+    def positives_of_tile(offset, col_tile: ContrastViews, computed=None):
+        s, pos, _, _ = tile(col_tile) if computed is None else computed
         return jax.vmap(kernel.positive_sum)(offset, s, pos)
 
     state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
     if block_size is None:
-        state = stats_of_tile(state0, cols)
+        # Dense: one similarity matrix serves both passes (and so one matmul in each direction
+        # of the backward pass).
+        dense_tile = tile(cols)
+        state = stats_of_tile(state0, cols, dense_tile)
     else:
         col_tiles = cols
         body = jax.checkpoint(lambda st, tile: (stats_of_tile(st, tile), None))
@@ -386,7 +422,7 @@ def _anchor_terms(
         if spec.positives == "partner":
             pair_sum = jax.nn.softplus(offset - s_partner)
         elif block_size is None:
-            pair_sum = positives_of_tile(offset, cols)
+            pair_sum = positives_of_tile(offset, cols, dense_tile)
         else:
             body = jax.checkpoint(lambda acc, tile: (acc + positives_of_tile(offset, tile), None))
             pair_sum, _ = lax.scan(body, jnp.zeros((n_rows,), dtype), col_tiles)
