@@ -1,0 +1,98 @@
+"""Tests for hscl_jax.sweep: a two-run grid end to end, restart skips finished runs."""
+
+import json
+
+import ml_collections
+import pytest
+from test_trainer import tiny_digits_config
+
+from hscl_jax import sweep, trainer
+
+
+def _two_run_config():
+    config = tiny_digits_config(num_steps=2)
+    config.sweep = ml_collections.ConfigDict(
+        {"methods": ("scl", "hscl"), "betas": (2.0,), "seeds": (3,)}
+    )
+    return config
+
+
+@pytest.mark.slow
+def test_two_run_grid_runs_then_skips_finished_runs(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    records = sweep.run_sweep(_two_run_config(), workdir)
+
+    with open(f"{workdir}/study.json") as f:
+        study = json.load(f)
+    assert study == records
+    assert [(r["method"], r["beta"], r["seed"]) for r in study] == [
+        ("scl", 0.0, 3),
+        ("hscl", 2.0, 3),
+    ]
+    for record in study:
+        assert set(record) == {
+            "method",
+            "beta",
+            "seed",
+            "knn_top1",
+            "knn_top5",
+            "linear_top1",
+            "wall_s",
+        }
+        for key in ("knn_top1", "knn_top5", "linear_top1"):
+            assert 0.0 <= record[key] <= 1.0
+    # Each run trained with its own loss and seed.
+    hscl_config = trainer.load_config(f"{workdir}/runs/hscl_b2_s3")
+    assert hscl_config.loss.name == "hscl" and hscl_config.loss.beta == 2.0
+    assert hscl_config.seed == 3 and hscl_config.data.seed == 3
+    with open(f"{workdir}/study.md") as f:
+        markdown = f.read()
+    assert "| scl | - | 1 |" in markdown and "| hscl | 2 | 1 |" in markdown
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", must_not_train)
+    assert sweep.run_sweep(_two_run_config(), workdir) == records
+
+
+def test_grid_order_and_errors():
+    runs = sweep.grid_runs({"methods": ("ucl", "hscl"), "betas": (0.5, 5), "seeds": (0, 1)})
+    assert [r.name for r in runs] == [
+        "ucl_b0_s0",
+        "hscl_b0.5_s0",
+        "hscl_b5_s0",
+        "ucl_b0_s1",
+        "hscl_b0.5_s1",
+        "hscl_b5_s1",
+    ]
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['nce'\]"):
+        sweep.grid_runs({"methods": ("nce",), "betas": (1,), "seeds": (0,)})
+    with pytest.raises(ValueError, match="betas must be >= 0"):
+        sweep.grid_runs({"methods": ("hscl",), "betas": (-1,), "seeds": (0,)})
+
+
+def test_paired_difference_and_markdown():
+    records = [
+        {
+            "method": m,
+            "beta": b,
+            "seed": s,
+            "knn_top1": v,
+            "knn_top5": 1.0,
+            "linear_top1": v,
+            "wall_s": 1.0,
+        }
+        for m, b, s, v in [
+            ("scl", 0.0, 0, 0.90),
+            ("scl", 0.0, 1, 0.92),
+            ("scl", 0.0, 2, 0.91),
+            ("hscl", 1.0, 0, 0.91),
+            ("hscl", 1.0, 1, 0.94),
+            ("hscl", 1.0, 2, 0.93),
+        ]
+    ]
+    d = sweep.paired_difference(records, "hscl", "scl", 1.0, "knn_top1")
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.05 / 3)
+    assert 0.0 < d["p"] < 1.0
+    assert "| hscl - scl | 1 | knn_top1 | 3 | +1.67 |" in sweep.study_markdown(records)
