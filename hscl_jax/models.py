@@ -53,6 +53,14 @@ def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str | None
     )
 
 
+def _block_layers(dtype, bn_axis_name, train: bool):
+    """The bias-free convolution and the BatchNorm every residual block builds from."""
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init
+    )
+    return conv, functools.partial(_batch_norm, train, bn_axis_name, dtype)
+
+
 class BasicBlock(nn.Module):
     """ResNet-18/34 residual block (two 3x3 convolutions)."""
 
@@ -64,14 +72,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=_conv_init,
-        )
-        norm = functools.partial(_batch_norm, train, self.bn_axis_name, self.dtype)
+        conv, norm = _block_layers(self.dtype, self.bn_axis_name, train)
         residual = x
         y = conv(self.filters, (3, 3), strides=self.strides, padding=1, name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
@@ -94,14 +95,7 @@ class BottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=_conv_init,
-        )
-        norm = functools.partial(_batch_norm, train, self.bn_axis_name, self.dtype)
+        conv, norm = _block_layers(self.dtype, self.bn_axis_name, train)
         residual = x
         y = conv(self.filters, (1, 1), name="conv1")(x)
         y = nn.relu(norm(name="bn1")(y))
