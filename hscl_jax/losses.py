@@ -274,10 +274,6 @@ class _AnchorKernel:
             lse_lo = jnp.log(jnp.maximum(state["n_neg"], 1.0))
         return jnp.where(valid, jnp.where(valid, lse_hi, 0.0) - jnp.where(valid, lse_lo, 0.0), 0.0)
 
-    def tilted_offset(self, state, s_partner, log_q, valid):
-        """The anchor's constant c in l_ij = softplus(c - s_ij), for the SCL / H-SCL estimators."""
-        return log_q + self.log_mu(state, valid)
-
     def hucl_loss(self, state, s_partner, log_q, valid):
         """Robinson et al.'s debiased H-UCL term for one anchor and its partner."""
         spec = self.spec
@@ -416,9 +412,8 @@ def _anchor_terms(
         anchor_sum = jnp.where(valid, loss, 0.0)
         anchor_count = valid.astype(dtype)
     else:  # SCL / H-SCL
-        offset = jax.vmap(kernel.tilted_offset, in_axes=(0, 0, None, 0))(
-            state, s_partner, log_q, valid
-        )
+        # The anchor's constant c in l_ij = softplus(c - s_ij).
+        offset = log_q + jax.vmap(kernel.log_mu)(state, valid)
         if spec.positives == "partner":
             pair_sum = jax.nn.softplus(offset - s_partner)
         elif block_size is None:
