@@ -26,6 +26,13 @@ How the kernels are built:
   global loss, and the gradient a device gets for its own ``z1, z2`` is its slice of the gradient
   of the global loss on the concatenated batch. Parameter gradients must therefore be *summed*
   over devices.
+* Dense (``block_size=None``), tilted family: the backward pass is written by hand. Per anchor,
+  dL/ds is one closed-form expression (``_AnchorKernel.similarity_cotangent``); the gradients of
+  the projections are two matmuls with it. The similarities are recomputed in the backward pass
+  rather than stored. On CPU the anchors are walked in chunks of about 2^18 similarities (at
+  least 128 anchors), so no (2B x 2B) temporary is allocated: XLA:CPU pays more for the fresh
+  pages of such a temporary than for the arithmetic on it. On accelerators the whole batch is one
+  chunk. SupCon's dense path is differentiated automatically.
 * ``block_size``: the same loss, values and gradients, computed over ``block_size x block_size``
   tiles of the similarity matrix with running log-sum-exp accumulators. The (2B x 2B) matrix is
   never materialised; tiles are recomputed in the backward pass (``jax.checkpoint``).
@@ -38,6 +45,7 @@ traced value (``jax.vmap`` over ``beta``, say) is accepted unchecked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -274,10 +282,9 @@ class _AnchorKernel:
             lse_lo = jnp.log(jnp.maximum(state["n_neg"], 1.0))
         return jnp.where(valid, jnp.where(valid, lse_hi, 0.0) - jnp.where(valid, lse_lo, 0.0), 0.0)
 
-    def hucl_loss(self, state, s_partner, log_q, valid):
+    def hucl_loss(self, log_mu, s_partner, log_q):
         """Robinson et al.'s debiased H-UCL term for one anchor and its partner."""
         spec = self.spec
-        log_mu = self.log_mu(state, valid)
         tau = self.hyper.tau_plus
         if not spec.debiased:
             log_ng = log_q + log_mu
@@ -298,6 +305,36 @@ class _AnchorKernel:
     def positive_sum(self, offset, s_row, pos_row):
         """Sum over one block of an anchor's positives of softplus(offset - s_ij)."""
         return jnp.sum(jnp.where(pos_row, _softplus(offset - s_row), 0.0))
+
+    def similarity_cotangent(self, state, s_row, pos_row, neg_row, offset, g_log_mu, g_pairs):
+        """The hand-written backward pass of one anchor: dL/ds over its row, and dL/dbeta.
+
+        ``g_log_mu`` and ``g_pairs`` are the cotangents of the anchor's log_mu and of its
+        positive sum (``None`` without a positive sum); ``offset`` is log Q + log_mu.
+        With p_hi, p_lo the softmax of (beta+1) s and of beta s over the negatives::
+
+            d log_mu / ds_k = (beta + 1) p_hi,k - beta p_lo,k   (p_hi,k: weights held constant)
+            d softplus(offset - s_j) = sigmoid(offset - s_j) (d offset - ds_j)
+        """
+        spec, beta = self.spec, self.hyper.beta
+        ds = jnp.zeros_like(s_row)
+        if g_pairs is not None:
+            sig = jnp.where(pos_row, jax.nn.sigmoid(offset - s_row), 0.0)
+            g_log_mu = g_log_mu + g_pairs * jnp.sum(sig)
+            ds = ds - g_pairs * sig
+        hi_scale = beta + 1.0 if self.tilted else 1.0
+        lse_hi = _lse_value(state["hi_max"], state["hi_sum"])
+        p_hi = jnp.where(neg_row, jnp.exp(hi_scale * s_row - lse_hi), 0.0)
+        if not self.tilted:
+            return ds + g_log_mu * p_hi, jnp.zeros((), s_row.dtype)
+        e_hi = jnp.sum(p_hi * s_row)
+        if spec.detach_weights:
+            # log_mu = LSE(s + stop_gradient(beta s)) - stop_gradient(LSE(beta s)).
+            return ds + g_log_mu * p_hi, g_log_mu * e_hi
+        lse_lo = _lse_value(state["lo_max"], state["lo_sum"])
+        p_lo = jnp.where(neg_row, jnp.exp(beta * s_row - lse_lo), 0.0)
+        d_log_mu = hi_scale * p_hi - beta * p_lo
+        return ds + g_log_mu * d_log_mu, g_log_mu * (e_hi - jnp.sum(p_lo * s_row))
 
 
 # ----------------------------------------------------------------------------- batch level
@@ -353,6 +390,158 @@ def _pad_blocks(views: ContrastViews, block: int) -> ContrastViews:
     )
 
 
+# ----------------------------------------------------------------------------- dense path
+
+# On CPU the dense path walks the anchors in chunks of about this many similarities: a chunk's
+# intermediates stay in cache, and no (2B x 2B) temporary is allocated. Measured with
+# bench/losses.py: fresh pages for such temporaries cost XLA:CPU more than the arithmetic on them.
+_CPU_CHUNK_SIMILARITIES = 1 << 18
+_MIN_CHUNK_ROWS = 128  # fewer rows make the chunk's matmuls inefficient
+
+
+def _rows_per_chunk(n_rows: int, n_cols: int) -> int:
+    if jax.default_backend() != "cpu":
+        return n_rows
+    return min(n_rows, max(_MIN_CHUNK_ROWS, _CPU_CHUNK_SIMILARITIES // max(n_cols, 1)))
+
+
+def _valid_anchors(spec: _Spec, state, real: Array) -> Array:
+    n_pos = state["n_pos"] if spec.positives == "all" else jnp.ones_like(state["n_neg"])
+    return real & (n_pos > 0) & (state["n_neg"] > 0)
+
+
+class _DenseMeta(NamedTuple):
+    """The integer and boolean inputs of the dense path: no cotangent."""
+
+    row_index: Array
+    row_label: Array
+    row_real: Array
+    partner: Array
+    col_index: Array
+    col_label: Array
+    col_real: Array
+
+
+def _dense_chunks(chunk: int, z_rows: Array, meta: _DenseMeta):
+    """The anchors split into chunks: row views (num_chunks, chunk, ...) and their partners."""
+    rows = _pad_blocks(ContrastViews(z_rows, meta.row_index, meta.row_label, meta.row_real), chunk)
+    return rows, _blocked(meta.partner, chunk, -1)
+
+
+def _dense_tile(spec: _Spec, hyper: _Hyper, rows, partner, cols, dtype):
+    s = _similarities(rows, cols, hyper.temperature, dtype)
+    pos, neg, other = _tile_masks(spec, rows, partner, cols)
+    return s, (jnp.zeros_like(neg) if pos is None else pos), neg, other
+
+
+def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
+    dtype = jnp.result_type(beta)
+    hyper = _Hyper(beta, temperature, 0.0)
+    kernel = _AnchorKernel(spec, hyper)
+    cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real)
+    row_chunks, partner_chunks = _dense_chunks(chunk, z_rows, meta)
+
+    def one_chunk(args):
+        rows, partner = args
+        s, pos, neg, other = _dense_tile(spec, hyper, rows, partner, cols, dtype)
+        state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,)), kernel.init(dtype))
+        state = jax.vmap(kernel.accumulate)(state0, s, pos, neg, other)
+        valid = _valid_anchors(spec, state, rows.real)
+        log_mu = jax.vmap(kernel.log_mu)(state, valid)
+        if spec.positives != "all":
+            return log_mu, None, state
+        pairs = jax.vmap(kernel.positive_sum)(log_q + log_mu, s, pos)
+        return log_mu, jnp.where(valid, pairs, 0.0), state
+
+    if row_chunks.z.shape[0] == 1:
+        out = one_chunk(jax.tree.map(lambda x: x[0], (row_chunks, partner_chunks)))
+        out = jax.tree.map(lambda x: x[None], out)
+    else:
+        out = lax.map(one_chunk, (row_chunks, partner_chunks))
+    # Outputs keep the chunk layout for the backward pass; _dense_terms flattens them.
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _dense_terms_vjp(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
+    return _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta)
+
+
+def _dense_terms_fwd(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
+    out = _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta)
+    log_mu, _, state = out
+    return out, (z_rows, z_cols, beta, temperature, meta, log_mu, state)
+
+
+def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
+    z_rows, z_cols, beta, temperature, meta, log_mu, state = residuals
+    g_log_mu, g_pairs, _ = cotangents  # the state holds counts and statistics: no gradient
+    dtype = jnp.result_type(beta)
+    hyper = _Hyper(beta, temperature, 0.0)
+    kernel = _AnchorKernel(spec, hyper)
+    cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real)
+    row_chunks, partner_chunks = _dense_chunks(chunk, z_rows, meta)
+    cotangent_row = jax.vmap(kernel.similarity_cotangent)
+    z_cols_wide = z_cols.astype(dtype)
+
+    def one_chunk(carry, args):
+        dz_cols, d_beta, d_temperature = carry
+        rows, partner, chunk_state, chunk_log_mu, chunk_g_log_mu, chunk_g_pairs = args
+        s, pos, neg, _ = _dense_tile(spec, hyper, rows, partner, cols, dtype)
+        valid = _valid_anchors(spec, chunk_state, rows.real)
+        g_log_mu_valid = jnp.where(valid, chunk_g_log_mu, 0.0)
+        g_pairs_valid = None if chunk_g_pairs is None else jnp.where(valid, chunk_g_pairs, 0.0)
+        g_s, g_beta_rows = cotangent_row(
+            chunk_state, s, pos, neg, log_q + chunk_log_mu, g_log_mu_valid, g_pairs_valid
+        )
+        # s = z_rows z_cols^T / t.
+        g_s = g_s / temperature
+        dz_rows = jnp.matmul(g_s, z_cols_wide)
+        dz_cols = dz_cols + jnp.matmul(g_s.T, rows.z.astype(dtype))
+        d_temperature = d_temperature - jnp.sum(g_s * s)
+        return (dz_cols, d_beta + jnp.sum(g_beta_rows), d_temperature), dz_rows
+
+    zero = jnp.zeros((), dtype)
+    carry = (jnp.zeros(z_cols.shape, dtype), zero, zero)
+    xs = (row_chunks, partner_chunks, state, log_mu, g_log_mu, g_pairs)
+    if row_chunks.z.shape[0] == 1:
+        carry, dz_rows = one_chunk(carry, jax.tree.map(lambda x: x[0], xs))
+        dz_rows = dz_rows[None]
+    else:
+        carry, dz_rows = lax.scan(one_chunk, carry, xs)
+    dz_cols, d_beta, d_temperature = carry
+    dz_rows = dz_rows.reshape((-1,) + z_rows.shape[1:])[: z_rows.shape[0]]
+    return (
+        dz_rows.astype(z_rows.dtype),
+        dz_cols.astype(z_cols.dtype),
+        d_beta.astype(jnp.result_type(beta)),
+        d_temperature.astype(jnp.result_type(temperature)),
+        None,
+    )
+
+
+_dense_terms_vjp.defvjp(_dense_terms_fwd, _dense_terms_bwd)
+
+
+def _dense_terms(spec: _Spec, hyper: _Hyper, rows, partner, cols, log_q: float):
+    """log_mu, the positive sums ("all" only) and the state of every anchor, over full rows.
+
+    The tilted family's dense path: the forward pass runs the per-anchor kernel over chunks of
+    anchors; the backward pass is written by hand (``similarity_cotangent``): it recomputes each
+    chunk's similarities and turns dL/ds into gradients with two matmuls, instead of
+    differentiating through every masked log-sum-exp.
+    """
+    n_rows = rows.z.shape[0]
+    chunk = _rows_per_chunk(n_rows, cols.z.shape[0])
+    meta = _DenseMeta(rows.index, rows.label, rows.real, partner, cols.index, cols.label, cols.real)
+    log_mu, pairs, state = _dense_terms_vjp(
+        spec, log_q, chunk, rows.z, cols.z, hyper.beta, hyper.temperature, meta
+    )
+    flat = jax.tree.map(lambda x: x.reshape(-1)[:n_rows], (log_mu, pairs, state))
+    log_mu, pairs, state = flat
+    return log_mu, pairs, lax.stop_gradient(state)
+
+
 def _anchor_terms(
     spec: _Spec,
     hyper: _Hyper,
@@ -384,45 +573,54 @@ def _anchor_terms(
             pos = jnp.zeros_like(neg)
         return vaccumulate(state, s, pos, neg, other)
 
-    def positives_of_tile(offset, col_tile: ContrastViews, computed=None):
-        s, pos, _, _ = tile(col_tile) if computed is None else computed
+    def positives_of_tile(offset, col_tile: ContrastViews):
+        s, pos, _, _ = tile(col_tile)
         return jax.vmap(kernel.positive_sum)(offset, s, pos)
 
-    state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
-    if block_size is None:
-        # Dense: one similarity matrix serves both passes (and so one matmul in each direction
-        # of the backward pass).
+    dense_log_mu = dense_pairs = None
+    if block_size is None and spec.family == "tilted":
+        dense_log_mu, dense_pairs, state = _dense_terms(spec, hyper, rows, partner, cols, log_q)
+    elif block_size is None:  # SupCon: one matrix, differentiated automatically
         dense_tile = tile(cols)
+        state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
         state = stats_of_tile(state0, cols, dense_tile)
     else:
         col_tiles = cols
+        state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
         body = jax.checkpoint(lambda st, tile: (stats_of_tile(st, tile), None))
         state, _ = lax.scan(body, state0, col_tiles)
 
+    valid = _valid_anchors(spec, state, rows.real)
     n_pos = state["n_pos"] if spec.positives == "all" else jnp.ones_like(state["n_neg"])
-    valid = rows.real & (n_pos > 0) & (state["n_neg"] > 0)
 
     if spec.family == "supcon":
         lse = _lse_value(state["hi_max"], state["hi_sum"])
         mean_pos = state["pos_s_sum"] / jnp.maximum(n_pos, 1.0)
         anchor_sum = jnp.where(valid, jnp.where(valid, lse, 0.0) - mean_pos, 0.0)
         anchor_count = valid.astype(dtype)
-    elif spec.negatives == "other_views":  # UCL / H-UCL: Robinson's estimator, partner positive
-        loss = jax.vmap(kernel.hucl_loss, in_axes=(0, 0, None, 0))(state, s_partner, log_q, valid)
-        anchor_sum = jnp.where(valid, loss, 0.0)
-        anchor_count = valid.astype(dtype)
-    else:  # SCL / H-SCL
-        # The anchor's constant c in l_ij = softplus(c - s_ij).
-        offset = log_q + jax.vmap(kernel.log_mu)(state, valid)
-        if spec.positives == "partner":
-            pair_sum = jax.nn.softplus(offset - s_partner)
-        elif block_size is None:
-            pair_sum = positives_of_tile(offset, cols, dense_tile)
+    else:
+        if dense_log_mu is None:
+            log_mu = jax.vmap(kernel.log_mu)(state, valid)
         else:
-            body = jax.checkpoint(lambda acc, tile: (acc + positives_of_tile(offset, tile), None))
-            pair_sum, _ = lax.scan(body, jnp.zeros((n_rows,), dtype), col_tiles)
-        anchor_sum = jnp.where(valid, pair_sum, 0.0)
-        anchor_count = jnp.where(valid, n_pos, 0.0)
+            log_mu = dense_log_mu
+        # The anchor's constant c in l_ij = softplus(c - s_ij).
+        offset = log_q + log_mu
+        if spec.negatives == "other_views":  # UCL / H-UCL: Robinson's estimator
+            loss = jax.vmap(kernel.hucl_loss, in_axes=(0, 0, None))(log_mu, s_partner, log_q)
+            anchor_sum = jnp.where(valid, loss, 0.0)
+            anchor_count = valid.astype(dtype)
+        else:  # SCL / H-SCL
+            if spec.positives == "partner":
+                pair_sum = jax.nn.softplus(offset - s_partner)
+            elif dense_pairs is not None:
+                pair_sum = dense_pairs
+            else:
+                body = jax.checkpoint(
+                    lambda acc, tile: (acc + positives_of_tile(offset, tile), None)
+                )
+                pair_sum, _ = lax.scan(body, jnp.zeros((n_rows,), dtype), col_tiles)
+            anchor_sum = jnp.where(valid, pair_sum, 0.0)
+            anchor_count = jnp.where(valid, n_pos, 0.0)
 
     aux_parts = None
     if spec.with_aux:

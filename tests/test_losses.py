@@ -399,15 +399,8 @@ def test_blocked_equals_dense(name, options):
         chex.assert_trees_all_close(grads, dense_grads, atol=1e-6, rtol=1e-4)
 
 
-def test_blocked_never_materialises_the_similarity_matrix():
-    """No intermediate of the blocked loss+grad holds more than a (block x block)-ish tile."""
-    z1, z2, labels = _random_batch(8, 64, 4, 4)  # 2B = 128, full matrix = 16384 entries
-    block = 16
-
-    def fn(a, b):
-        return losses.hscl(a, b, labels, beta=1.0, block_size=block)
-
-    jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(z1, z2)
+def _largest_intermediate(closed_jaxpr) -> int:
+    """The number of entries of the largest value computed anywhere in a jaxpr, nested ones too."""
     biggest = 0
 
     def visit(jpr):
@@ -421,13 +414,96 @@ def test_blocked_never_materialises_the_similarity_matrix():
                     if hasattr(inner, "eqns"):
                         visit(inner)
 
-    visit(jaxpr.jaxpr)
-    assert biggest < 128 * 128 // 4, biggest
+    visit(closed_jaxpr.jaxpr)
+    return biggest
+
+
+def test_blocked_never_materialises_the_similarity_matrix():
+    """No intermediate of the blocked loss+grad holds more than a (block x block)-ish tile."""
+    z1, z2, labels = _random_batch(8, 64, 4, 4)  # 2B = 128, full matrix = 16384 entries
+    block = 16
+
+    def fn(a, b):
+        return losses.hscl(a, b, labels, beta=1.0, block_size=block)
+
+    biggest_blocked = _largest_intermediate(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(z1, z2))
+    assert biggest_blocked < 128 * 128 // 4, biggest_blocked
     dense = jax.make_jaxpr(jax.grad(lambda a, b: losses.hscl(a, b, labels, beta=1.0)))(z1, z2)
-    biggest_blocked = biggest
-    biggest = 0
-    visit(dense.jaxpr)
-    assert biggest >= 128 * 128 > biggest_blocked
+    assert _largest_intermediate(dense) >= 128 * 128 > biggest_blocked
+
+
+# ----------------------------------------------------------------------------- dense path
+
+_DENSE_LOSSES = tuple((n, o) for n, o in _BLOCK_LOSSES if n != "supcon") + (
+    ("hscl", {"beta": 0.5, "detach_weights": True}),
+)
+
+
+@pytest.fixture
+def dense_chunks_of_3(monkeypatch):
+    """Makes the dense path walk 2B = 40 views in chunks of 3 anchors, the last one padded."""
+    monkeypatch.setattr(losses, "_CPU_CHUNK_SIMILARITIES", 3 * 40)
+    monkeypatch.setattr(losses, "_MIN_CHUNK_ROWS", 1)
+    jax.clear_caches()  # the chunk size is read when a loss is traced
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("name,options", _DENSE_LOSSES, ids=[f"{n}-{o}" for n, o in _DENSE_LOSSES])
+def test_dense_backward_equals_autodiff(name, options, dense_chunks_of_3):
+    """The dense path's hand-written backward, walked in chunks of anchors, equals autodiff
+    (the blocked path), for the embeddings and for every traced hyper-parameter."""
+    z1, z2, labels = _random_batch(7, 20, 8, 4)  # 2B = 40
+    hyper = {k: v for k, v in options.items() if isinstance(v, float)} | {"temperature": 0.3}
+    fixed = {k: v for k, v in options.items() if k not in hyper}
+
+    def fn(a, b, h, block_size):
+        return losses.compute(name, a, b, labels, block_size=block_size, **fixed, **h)
+
+    grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)), static_argnums=3)
+    dense, dense_grads = grad(z1, z2, hyper, None)
+    blocked, blocked_grads = grad(z1, z2, hyper, 7)
+    np.testing.assert_allclose(dense, blocked, rtol=1e-5)
+    chex.assert_trees_all_close(dense_grads, blocked_grads, atol=1e-6, rtol=1e-4)
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(dense_grads)), dense_grads
+
+    # Concrete hyper-parameters take the static code path; still the same loss and gradients.
+    concrete = jax.value_and_grad(lambda a, b: fn(a, b, hyper, None), argnums=(0, 1))(z1, z2)
+    np.testing.assert_allclose(concrete[0], blocked, rtol=1e-5)
+    chex.assert_trees_all_close(concrete[1], blocked_grads[:2], atol=1e-6, rtol=1e-4)
+
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: fn(a, b, hyper, None), argnums=(0, 1)))(z1, z2)
+    assert _largest_intermediate(jaxpr) < 40 * 40
+
+
+def test_dense_chunks_under_pmap_equal_one_device(dense_chunks_of_3):
+    z1, z2, labels = _random_batch(9, 40, 6, 4)  # 2B = 80 global, 10 anchors per device
+    value, (g1, g2) = _value_and_grads("hscl", z1, z2, labels, beta=2.0)
+
+    def per_device(a, b, y):
+        fn = lambda a_, b_: losses.hscl(a_, b_, y, beta=2.0, axis_name="batch")  # noqa: E731
+        return jax.value_and_grad(fn, argnums=(0, 1))(a, b)
+
+    shard = lambda x: x.reshape((8, 5) + x.shape[1:])  # noqa: E731
+    values, (p1, p2) = jax.pmap(per_device, axis_name="batch")(shard(z1), shard(z2), shard(labels))
+    np.testing.assert_allclose(values, np.full(8, value), rtol=1e-5)
+    np.testing.assert_allclose(p1.reshape(z1.shape), g1, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(p2.reshape(z2.shape), g2, atol=1e-6, rtol=1e-4)
+
+
+def test_dense_vmap_over_beta_equals_one_beta_at_a_time():
+    z1, z2, labels = _random_batch(11, 12, 6, 3)
+    betas = jnp.asarray([0.0, 0.5, 4.0])
+
+    def fn(beta):
+        return jax.value_and_grad(
+            lambda a, b: losses.hscl(a, b, labels, beta=beta), argnums=(0, 1)
+        )(z1, z2)
+
+    swept = jax.vmap(fn)(betas)
+    for i, beta in enumerate([0.0, 0.5, 4.0]):
+        one_beta = jax.tree.map(lambda x, i=i: x[i], swept)
+        chex.assert_trees_all_close(one_beta, fn(beta), atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- multi-device
