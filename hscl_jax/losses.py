@@ -28,11 +28,12 @@ How the kernels are built:
   over devices.
 * Dense (``block_size=None``), tilted family: the backward pass is written by hand. Per anchor,
   dL/ds is one closed-form expression (``_AnchorKernel.similarity_cotangent``); the gradients of
-  the projections are two matmuls with it. The similarities are recomputed in the backward pass
-  rather than stored. On CPU the anchors are walked in chunks of about 2^18 similarities (at
-  least 128 anchors), so no (2B x 2B) temporary is allocated: XLA:CPU pays more for the fresh
-  pages of such a temporary than for the arithmetic on it. On accelerators the whole batch is one
-  chunk. SupCon's dense path is differentiated automatically.
+  the projections are two matmuls with it. The forward pass keeps the similarities for it up to
+  2^26 of them (256 MB in float32); above that the backward pass recomputes them, and memory
+  stays per chunk. The anchors are walked in chunks of at least 128: on CPU of about 2^18
+  similarities, so that a chunk's intermediates stay in cache ((2B x 2B) temporaries cost XLA:CPU
+  more in fresh pages than in arithmetic); on accelerators of up to 2^28 (1 GB). SupCon's dense
+  path is differentiated automatically.
 * ``block_size``: the same loss, values and gradients, computed over ``block_size x block_size``
   tiles of the similarity matrix with running log-sum-exp accumulators. The (2B x 2B) matrix is
   never materialised; tiles are recomputed in the backward pass (``jax.checkpoint``).
@@ -392,17 +393,22 @@ def _pad_blocks(views: ContrastViews, block: int) -> ContrastViews:
 
 # ----------------------------------------------------------------------------- dense path
 
-# On CPU the dense path walks the anchors in chunks of about this many similarities: a chunk's
-# intermediates stay in cache, and no (2B x 2B) temporary is allocated. Measured with
-# bench/losses.py: fresh pages for such temporaries cost XLA:CPU more than the arithmetic on them.
+# The dense path walks the anchors in chunks of about this many similarities. On CPU a chunk's
+# intermediates stay in cache: measured with bench/losses.py at 2B = 2048, 1.7x faster than one
+# chunk, whose (2B x 2B) temporaries cost XLA:CPU more in fresh pages than in arithmetic. On an
+# accelerator a chunk is at most 1 GB of float32, so a large batch does not run out of memory.
 _CPU_CHUNK_SIMILARITIES = 1 << 18
+_ACCELERATOR_CHUNK_SIMILARITIES = 1 << 28
 _MIN_CHUNK_ROWS = 128  # fewer rows make the chunk's matmuls inefficient
+# Up to this many similarities (256 MB in float32) the forward pass keeps them for the backward
+# pass; above, the backward pass recomputes them (one more matmul) and memory stays per chunk.
+_MAX_SAVED_SIMILARITIES = 1 << 26
 
 
 def _rows_per_chunk(n_rows: int, n_cols: int) -> int:
-    if jax.default_backend() != "cpu":
-        return n_rows
-    return min(n_rows, max(_MIN_CHUNK_ROWS, _CPU_CHUNK_SIMILARITIES // max(n_cols, 1)))
+    on_cpu = jax.default_backend() == "cpu"
+    target = _CPU_CHUNK_SIMILARITIES if on_cpu else _ACCELERATOR_CHUNK_SIMILARITIES
+    return min(n_rows, max(_MIN_CHUNK_ROWS, target // max(n_cols, 1)))
 
 
 def _valid_anchors(spec: _Spec, state, real: Array) -> Array:
@@ -428,13 +434,17 @@ def _dense_chunks(chunk: int, z_rows: Array, meta: _DenseMeta):
     return rows, _blocked(meta.partner, chunk, -1)
 
 
-def _dense_tile(spec: _Spec, hyper: _Hyper, rows, partner, cols, dtype):
-    s = _similarities(rows, cols, hyper.temperature, dtype)
+def _dense_tile(spec: _Spec, hyper: _Hyper, rows, partner, cols, dtype, masks_only=False):
+    s = None if masks_only else _similarities(rows, cols, hyper.temperature, dtype)
     pos, neg, other = _tile_masks(spec, rows, partner, cols)
     return s, (jnp.zeros_like(neg) if pos is None else pos), neg, other
 
 
-def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
+def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, keep_s=False):
+    """(log_mu, positive sums or None, state, similarities or None), each (num_chunks, chunk, ...).
+
+    The chunk layout is kept for the backward pass; _dense_terms flattens the outputs.
+    """
     dtype = jnp.result_type(beta)
     hyper = _Hyper(beta, temperature, 0.0)
     kernel = _AnchorKernel(spec, hyper)
@@ -448,33 +458,34 @@ def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
         state = jax.vmap(kernel.accumulate)(state0, s, pos, neg, other)
         valid = _valid_anchors(spec, state, rows.real)
         log_mu = jax.vmap(kernel.log_mu)(state, valid)
-        if spec.positives != "all":
-            return log_mu, None, state
-        pairs = jax.vmap(kernel.positive_sum)(log_q + log_mu, s, pos)
-        return log_mu, jnp.where(valid, pairs, 0.0), state
+        pairs = None
+        if spec.positives == "all":
+            pairs = jnp.where(valid, jax.vmap(kernel.positive_sum)(log_q + log_mu, s, pos), 0.0)
+        return log_mu, pairs, state, (s if keep_s else None)
 
     if row_chunks.z.shape[0] == 1:
         out = one_chunk(jax.tree.map(lambda x: x[0], (row_chunks, partner_chunks)))
         out = jax.tree.map(lambda x: x[None], out)
     else:
         out = lax.map(one_chunk, (row_chunks, partner_chunks))
-    # Outputs keep the chunk layout for the backward pass; _dense_terms flattens them.
     return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _dense_terms_vjp(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
-    return _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta)
+    return _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta)[:3]
 
 
 def _dense_terms_fwd(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
-    out = _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta)
-    log_mu, _, state = out
-    return out, (z_rows, z_cols, beta, temperature, meta, log_mu, state)
+    keep_s = z_rows.shape[0] * z_cols.shape[0] <= _MAX_SAVED_SIMILARITIES
+    log_mu, pairs, state, s = _dense_forward(
+        spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, keep_s
+    )
+    return (log_mu, pairs, state), (z_rows, z_cols, beta, temperature, meta, log_mu, state, s)
 
 
 def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
-    z_rows, z_cols, beta, temperature, meta, log_mu, state = residuals
+    z_rows, z_cols, beta, temperature, meta, log_mu, state, saved_s = residuals
     g_log_mu, g_pairs, _ = cotangents  # the state holds counts and statistics: no gradient
     dtype = jnp.result_type(beta)
     hyper = _Hyper(beta, temperature, 0.0)
@@ -486,8 +497,11 @@ def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
 
     def one_chunk(carry, args):
         dz_cols, d_beta, d_temperature = carry
-        rows, partner, chunk_state, chunk_log_mu, chunk_g_log_mu, chunk_g_pairs = args
-        s, pos, neg, _ = _dense_tile(spec, hyper, rows, partner, cols, dtype)
+        rows, partner, chunk_state, chunk_log_mu, chunk_g_log_mu, chunk_g_pairs, s = args
+        if s is None:
+            s, pos, neg, _ = _dense_tile(spec, hyper, rows, partner, cols, dtype)
+        else:
+            _, pos, neg, _ = _dense_tile(spec, hyper, rows, partner, cols, dtype, masks_only=True)
         valid = _valid_anchors(spec, chunk_state, rows.real)
         g_log_mu_valid = jnp.where(valid, chunk_g_log_mu, 0.0)
         g_pairs_valid = None if chunk_g_pairs is None else jnp.where(valid, chunk_g_pairs, 0.0)
@@ -503,7 +517,7 @@ def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
 
     zero = jnp.zeros((), dtype)
     carry = (jnp.zeros(z_cols.shape, dtype), zero, zero)
-    xs = (row_chunks, partner_chunks, state, log_mu, g_log_mu, g_pairs)
+    xs = (row_chunks, partner_chunks, state, log_mu, g_log_mu, g_pairs, saved_s)
     if row_chunks.z.shape[0] == 1:
         carry, dz_rows = one_chunk(carry, jax.tree.map(lambda x: x[0], xs))
         dz_rows = dz_rows[None]
@@ -527,8 +541,9 @@ def _dense_terms(spec: _Spec, hyper: _Hyper, rows, partner, cols, log_q: float):
     """log_mu, the positive sums ("all" only) and the state of every anchor, over full rows.
 
     The tilted family's dense path: the forward pass runs the per-anchor kernel over chunks of
-    anchors; the backward pass is written by hand (``similarity_cotangent``): it recomputes each
-    chunk's similarities and turns dL/ds into gradients with two matmuls, instead of
+    anchors; the backward pass is written by hand (``similarity_cotangent``): it takes each
+    chunk's similarities (kept from the forward pass, or recomputed above
+    ``_MAX_SAVED_SIMILARITIES``) and turns dL/ds into gradients with two matmuls, instead of
     differentiating through every masked log-sum-exp.
     """
     n_rows = rows.z.shape[0]

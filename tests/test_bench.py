@@ -1,0 +1,45 @@
+"""Smoke tests of the benchmark scripts: each runs end to end at toy sizes and prints its figures.
+
+The figures themselves are never asserted (timings belong to bench/, not to tests); what is
+asserted is that every row the README quotes is printed, with numbers in it.
+"""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_loss_benchmark_prints_its_table_and_both_memory_rows():
+    out = _run(
+        "bench/losses.py",
+        "--sizes",
+        "64",
+        "96",
+        "--repeats=1",
+        "--block-size=32",
+        "--memory-views=256",
+        "--memory-block-size=48",
+    )
+    for views in (64, 96):
+        row = rf"^\s*{views}" + rf"\s+{NUMBER}" * 4 + r"\s*$"
+        assert re.search(row, out, re.MULTILINE), out
+    assert re.search(rf"blocked \(block_size=48\) loss\+grad at 2B=256: .* {NUMBER} GB", out), out
+    assert re.search(rf"dense loss\+grad at 2B=256: .* {NUMBER} GB", out), out
+
+
+def test_train_step_benchmark_prints_its_row():
+    out = _run("bench/train_step.py", "--cases=small_cnn", "--steps=1", "--batch=8")
+    row = r"^small_cnn\s+8" + rf"\s+{NUMBER}" * 5 + r"%\s*$"
+    assert re.search(row, out, re.MULTILINE), out
