@@ -32,8 +32,9 @@ How the kernels are built:
   2^26 of them (256 MB in float32); above that the backward pass recomputes them, and memory
   stays per chunk. The anchors are walked in chunks of at least 128: on CPU of about 2^18
   similarities, so that a chunk's intermediates stay in cache ((2B x 2B) temporaries cost XLA:CPU
-  more in fresh pages than in arithmetic); on accelerators of up to 2^28 (1 GB). SupCon's dense
-  path is differentiated automatically.
+  more in fresh pages than in arithmetic); on accelerators of up to 2^28 (1 GB). Being a custom
+  VJP, this path has no forward-mode ``jax.jvp`` (``block_size`` has); Hessians work. SupCon's
+  dense path is differentiated automatically.
 * ``block_size``: the same loss, values and gradients, computed over ``block_size x block_size``
   tiles of the similarity matrix with running log-sum-exp accumulators. The (2B x 2B) matrix is
   never materialised; tiles are recomputed in the backward pass (``jax.checkpoint``).
