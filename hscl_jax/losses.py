@@ -553,8 +553,7 @@ def _dense_terms(spec: _Spec, hyper: _Hyper, rows, partner, cols, log_q: float):
     log_mu, pairs, state = _dense_terms_vjp(
         spec, log_q, chunk, rows.z, cols.z, hyper.beta, hyper.temperature, meta
     )
-    flat = jax.tree.map(lambda x: x.reshape(-1)[:n_rows], (log_mu, pairs, state))
-    log_mu, pairs, state = flat
+    log_mu, pairs, state = jax.tree.map(lambda x: x.reshape(-1)[:n_rows], (log_mu, pairs, state))
     return log_mu, pairs, lax.stop_gradient(state)
 
 
@@ -583,8 +582,8 @@ def _anchor_terms(
         s = _similarities(rows, col_tile, hyper.temperature, dtype)
         return (s, *_tile_masks(spec, rows, partner, col_tile))
 
-    def stats_of_tile(state, col_tile: ContrastViews, computed=None):
-        s, pos, neg, other = tile(col_tile) if computed is None else computed
+    def stats_of_tile(state, col_tile: ContrastViews):
+        s, pos, neg, other = tile(col_tile)
         if pos is None:
             pos = jnp.zeros_like(neg)
         return vaccumulate(state, s, pos, neg, other)
@@ -594,15 +593,13 @@ def _anchor_terms(
         return jax.vmap(kernel.positive_sum)(offset, s, pos)
 
     dense_log_mu = dense_pairs = None
+    state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
     if block_size is None and spec.family == "tilted":
         dense_log_mu, dense_pairs, state = _dense_terms(spec, hyper, rows, partner, cols, log_q)
     elif block_size is None:  # SupCon: one matrix, differentiated automatically
-        dense_tile = tile(cols)
-        state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
-        state = stats_of_tile(state0, cols, dense_tile)
+        state = stats_of_tile(state0, cols)
     else:
         col_tiles = cols
-        state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
         body = jax.checkpoint(lambda st, tile: (stats_of_tile(st, tile), None))
         state, _ = lax.scan(body, state0, col_tiles)
 
