@@ -375,6 +375,13 @@ def _similarities(rows: ContrastViews, cols: ContrastViews, temperature, dtype) 
     return s / temperature
 
 
+def _tile(spec: _Spec, hyper: _Hyper, rows, partner, cols, dtype):
+    """One tile's similarities and its positive, negative and reported-negative masks."""
+    s = _similarities(rows, cols, hyper.temperature, dtype)
+    pos, neg, other = _tile_masks(spec, rows, partner, cols)
+    return s, (jnp.zeros_like(neg) if pos is None else pos), neg, other
+
+
 def _blocked(x: Array, block: int, fill) -> Array:
     """Pads axis 0 of ``x`` to a whole number of blocks and splits it: (num_blocks, block, ...)."""
     n = x.shape[0]
@@ -412,9 +419,12 @@ def _rows_per_chunk(n_rows: int, n_cols: int) -> int:
     return min(n_rows, max(_MIN_CHUNK_ROWS, target // max(n_cols, 1)))
 
 
+def _positive_counts(spec: _Spec, state) -> Array:
+    return state["n_pos"] if spec.positives == "all" else jnp.ones_like(state["n_neg"])
+
+
 def _valid_anchors(spec: _Spec, state, real: Array) -> Array:
-    n_pos = state["n_pos"] if spec.positives == "all" else jnp.ones_like(state["n_neg"])
-    return real & (n_pos > 0) & (state["n_neg"] > 0)
+    return real & (_positive_counts(spec, state) > 0) & (state["n_neg"] > 0)
 
 
 class _DenseMeta(NamedTuple):
@@ -435,10 +445,12 @@ def _dense_chunks(chunk: int, z_rows: Array, meta: _DenseMeta):
     return rows, _blocked(meta.partner, chunk, -1)
 
 
-def _dense_tile(spec: _Spec, hyper: _Hyper, rows, partner, cols, dtype, masks_only=False):
-    s = None if masks_only else _similarities(rows, cols, hyper.temperature, dtype)
-    pos, neg, other = _tile_masks(spec, rows, partner, cols)
-    return s, (jnp.zeros_like(neg) if pos is None else pos), neg, other
+def _over_chunks(fn, carry, chunks):
+    """lax.scan over the leading (chunk) axis; one chunk is called directly, without a loop."""
+    if jax.tree.leaves(chunks)[0].shape[0] > 1:
+        return lax.scan(fn, carry, chunks)
+    carry, out = fn(carry, jax.tree.map(lambda x: x[0], chunks))
+    return carry, jax.tree.map(lambda x: x[None], out)
 
 
 def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, keep_s=False):
@@ -452,9 +464,9 @@ def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, 
     cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real)
     row_chunks, partner_chunks = _dense_chunks(chunk, z_rows, meta)
 
-    def one_chunk(args):
+    def one_chunk(_, args):
         rows, partner = args
-        s, pos, neg, other = _dense_tile(spec, hyper, rows, partner, cols, dtype)
+        s, pos, neg, other = _tile(spec, hyper, rows, partner, cols, dtype)
         state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,)), kernel.init(dtype))
         state = jax.vmap(kernel.accumulate)(state0, s, pos, neg, other)
         valid = _valid_anchors(spec, state, rows.real)
@@ -462,14 +474,9 @@ def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, 
         pairs = None
         if spec.positives == "all":
             pairs = jnp.where(valid, jax.vmap(kernel.positive_sum)(log_q + log_mu, s, pos), 0.0)
-        return log_mu, pairs, state, (s if keep_s else None)
+        return None, (log_mu, pairs, state, (s if keep_s else None))
 
-    if row_chunks.z.shape[0] == 1:
-        out = one_chunk(jax.tree.map(lambda x: x[0], (row_chunks, partner_chunks)))
-        out = jax.tree.map(lambda x: x[None], out)
-    else:
-        out = lax.map(one_chunk, (row_chunks, partner_chunks))
-    return out
+    return _over_chunks(one_chunk, None, (row_chunks, partner_chunks))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -500,9 +507,8 @@ def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
         dz_cols, d_beta, d_temperature = carry
         rows, partner, chunk_state, chunk_log_mu, chunk_g_log_mu, chunk_g_pairs, s = args
         if s is None:
-            s, pos, neg, _ = _dense_tile(spec, hyper, rows, partner, cols, dtype)
-        else:
-            _, pos, neg, _ = _dense_tile(spec, hyper, rows, partner, cols, dtype, masks_only=True)
+            s = _similarities(rows, cols, hyper.temperature, dtype)
+        pos, neg, _ = _tile_masks(spec, rows, partner, cols)  # pos is None for "partner"
         valid = _valid_anchors(spec, chunk_state, rows.real)
         g_log_mu_valid = jnp.where(valid, chunk_g_log_mu, 0.0)
         g_pairs_valid = None if chunk_g_pairs is None else jnp.where(valid, chunk_g_pairs, 0.0)
@@ -519,11 +525,7 @@ def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
     zero = jnp.zeros((), dtype)
     carry = (jnp.zeros(z_cols.shape, dtype), zero, zero)
     xs = (row_chunks, partner_chunks, state, log_mu, g_log_mu, g_pairs, saved_s)
-    if row_chunks.z.shape[0] == 1:
-        carry, dz_rows = one_chunk(carry, jax.tree.map(lambda x: x[0], xs))
-        dz_rows = dz_rows[None]
-    else:
-        carry, dz_rows = lax.scan(one_chunk, carry, xs)
+    carry, dz_rows = _over_chunks(one_chunk, carry, xs)
     dz_cols, d_beta, d_temperature = carry
     dz_rows = dz_rows.reshape((-1,) + z_rows.shape[1:])[: z_rows.shape[0]]
     return (
@@ -578,18 +580,11 @@ def _anchor_terms(
     vaccumulate = jax.vmap(kernel.accumulate)
     n_rows = rows.z.shape[0]
 
-    def tile(col_tile: ContrastViews):
-        s = _similarities(rows, col_tile, hyper.temperature, dtype)
-        return (s, *_tile_masks(spec, rows, partner, col_tile))
-
     def stats_of_tile(state, col_tile: ContrastViews):
-        s, pos, neg, other = tile(col_tile)
-        if pos is None:
-            pos = jnp.zeros_like(neg)
-        return vaccumulate(state, s, pos, neg, other)
+        return vaccumulate(state, *_tile(spec, hyper, rows, partner, col_tile, dtype))
 
     def positives_of_tile(offset, col_tile: ContrastViews):
-        s, pos, _, _ = tile(col_tile)
+        s, pos, _, _ = _tile(spec, hyper, rows, partner, col_tile, dtype)
         return jax.vmap(kernel.positive_sum)(offset, s, pos)
 
     dense_log_mu = dense_pairs = None
@@ -604,7 +599,7 @@ def _anchor_terms(
         state, _ = lax.scan(body, state0, col_tiles)
 
     valid = _valid_anchors(spec, state, rows.real)
-    n_pos = state["n_pos"] if spec.positives == "all" else jnp.ones_like(state["n_neg"])
+    n_pos = _positive_counts(spec, state)
 
     if spec.family == "supcon":
         lse = _lse_value(state["hi_max"], state["hi_sum"])
