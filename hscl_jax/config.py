@@ -295,6 +295,58 @@ def check_data(config, total_devices: int) -> None:
     )
 
 
+def check_batch_has_negatives(config) -> None:
+    """Refuses a batch in which no anchor can have a negative for the chosen loss: every loss
+    contrasts an anchor with other images' views (supervised ones: of other classes only), so a
+    batch needs >= 2 images, and a supervised loss a dataset of >= 2 classes."""
+    name, batch = config.loss.name, config.global_batch_size
+    supervised = losses.takes_labels(name)
+    whose = "other images' views of other classes" if supervised else "other images' views"
+    _require(
+        batch >= 2,
+        f"config.global_batch_size={batch} leaves no anchor a negative: loss {name!r} takes its "
+        f"negatives from {whose}; use a global batch of >= 2 images",
+    )
+    if supervised:
+        num_classes = data.dataset_info(config.data.name).num_classes
+        _require(
+            num_classes >= 2,
+            f"config.data.name={config.data.name!r} has {num_classes} class: supervised loss "
+            f"{name!r} needs >= 2 classes for any anchor to have a negative; use ucl or hucl",
+        )
+
+
+# Hosts behind the remote file systems a TFDS data_dir may name.
+_REMOTE_HOSTS = {"gs": "storage.googleapis.com", "s3": "s3.amazonaws.com"}
+
+
+def check_data_dir_reachable(data_config, timeout_s: float = 5.0) -> None:
+    """A remote config.data.data_dir (gs://, s3://, http(s)://...) must have a host that resolves:
+    without a network, TFDS would retry for minutes and end in a long traceback. A local
+    directory is left to the data pipeline (its own message says how to prepare the dataset)."""
+    import concurrent.futures
+    import socket
+    import urllib.parse
+
+    data_dir = data_config.get("data_dir")
+    scheme = urllib.parse.urlsplit(data_dir).scheme if data_dir else ""
+    if len(scheme) < 2:  # none, or a Windows drive letter
+        return
+    host = _REMOTE_HOSTS.get(scheme) or urllib.parse.urlsplit(data_dir).hostname
+    if not host:
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s)
+    except (OSError, concurrent.futures.TimeoutError):
+        raise ConfigError(
+            f"config.data.data_dir={data_dir!r} cannot be reached: host {host} does not resolve "
+            "(no network?); use a local directory holding the prepared dataset"
+        ) from None
+    finally:
+        pool.shutdown(wait=False)
+
+
 def check_knn(knn_config, total_devices: int) -> None:
     """config.knn: the kNN monitor's k, temperature and batch sizes."""
     _positive_int(knn_config, "k", "config.knn")
@@ -342,6 +394,8 @@ def validate_config(config) -> None:
     check_optim(config.optim)
     total_devices = jax.process_count() * num_devices_for(config)
     check_data(config, total_devices)
+    check_batch_has_negatives(config)
+    check_data_dir_reachable(config.data)
     check_knn(config.knn, total_devices)
     check_theory(config.get("theory"))
 
@@ -356,6 +410,20 @@ def config_from_file(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def check_field_path(config, dotted: str) -> None:
+    """ConfigError naming the first part of ``dotted`` (e.g. "model.widht", from a command-line
+    override ``--config.model.widht=8``) that ``config`` does not have, and the fields it has."""
+    node, prefix = config, "config"
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"{prefix} is a value, not a section: it has no field {part!r}")
+        if part not in node:
+            raise ConfigError(
+                f"unknown config field {prefix}.{part}; {prefix} has: {', '.join(sorted(node))}"
+            )
+        node, prefix = node[part], f"{prefix}.{part}"
 
 
 def to_json_ready(config) -> dict:

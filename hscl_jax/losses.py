@@ -958,3 +958,11 @@ def allowed_options(name: str) -> tuple[str, ...]:
         raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
     params = inspect.signature(_BY_NAME[name]).parameters.values()
     return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "axis_name")
+
+
+def takes_labels(name: str) -> bool:
+    """Whether loss ``name`` is supervised (scl, hscl, supcon): its negatives are views of other
+    classes, so a batch needs two classes for any anchor to have one."""
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
+    return name in _TAKES_LABELS
