@@ -45,7 +45,8 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     - ``num_devices``: local devices to use (None: all); ``distributed``: call
       jax.distributed.initialize() (also when the environment sets HSCL_DISTRIBUTED=1).
     - ``model``: ``name`` (small_cnn | resnet18 | resnet50), ``width`` (None: reference width),
-      ``stage_sizes`` (ResNets; None: the named depth), ``head_hidden_dim`` (512),
+      ``stage_sizes`` (ResNets; None: the named depth), ``stem`` (ResNets: cifar | imagenet),
+      ``head_hidden_dim`` (512),
       ``projection_dim`` (128), ``dtype`` (float32 | bfloat16 compute).
     - ``loss``: ``name`` (ucl | scl | hucl | hscl | supcon) and the options of all losses; only
       those the chosen loss takes are passed to it (see hscl_jax.losses): ``temperature``,
@@ -78,6 +79,7 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     config.model.name = "resnet50"
     config.model.width = config_dict.placeholder(int)
     config.model.stage_sizes = config_dict.placeholder(tuple)
+    config.model.stem = "cifar"
     config.model.head_hidden_dim = 512
     config.model.projection_dim = 128
     config.model.dtype = "float32"

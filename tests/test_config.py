@@ -25,6 +25,7 @@ def _set(config, dotted, value):
         ("model.name", "vgg", "config.model.name='vgg' is unknown"),
         ("model.dtype", "float16", "model.dtype='float16' is not supported"),
         ("model.width", 0, "model.width=0"),
+        ("model.stem", "vit", "model.stem='vit' is unknown; allowed: cifar, imagenet"),
         ("data.name", "mnist", "config.data.name='mnist'"),
         ("global_batch_size", 12, "global_batch_size=12 is not divisible by the 8 devices"),
         ("global_batch_size", 0, "config.global_batch_size=0 must be a positive integer"),
