@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
 from hscl_jax import data, losses, metrics, models, optim
@@ -267,6 +268,33 @@ def check_loss(loss_config) -> None:
         )
     except ValueError as error:
         raise ConfigError(f"config.loss: {error}") from None
+    warn_above_float32_beta_limit(loss_config)
+
+
+def warn_above_float32_beta_limit(loss_config) -> bool:
+    """Logs a warning (and returns True) when the loss's beta exceeds the largest beta at which
+    its float32 gradients were measured within FLOAT32_GRADIENT_TOLERANCE of float64
+    (losses.float32_beta_limit); the run still trains: typical batches stay far more accurate."""
+    options = loss_options(loss_config)
+    if "beta" not in options:
+        return False
+    temperature = options.get("temperature", 0.5)
+    limit = losses.float32_beta_limit(temperature)
+    if options["beta"] <= limit:
+        return False
+    logging.warning(
+        "config.loss.beta=%r is above %g, the largest beta at which float32 gradients of %r were "
+        "measured within %g of float64 at temperature %g (losses.float32_beta_limit: "
+        "min(%g * t, %g)); gradients may be inexact",
+        options["beta"],
+        limit,
+        loss_config.name,
+        losses.FLOAT32_GRADIENT_TOLERANCE,
+        temperature,
+        losses.FLOAT32_BETA_LIMIT_PER_INVERSE_TEMPERATURE,
+        losses.FLOAT32_BETA_LIMIT_CAP,
+    )
+    return True
 
 
 def check_optim(optim_config) -> None:
