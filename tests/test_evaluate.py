@@ -146,6 +146,7 @@ def test_linear_probe_bad_arguments(kwargs, match):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
+    pytest.importorskip("tensorflow_datasets", reason="the digits run needs the [data] extra")
     from test_trainer import tiny_digits_config
 
     from hscl_jax import trainer

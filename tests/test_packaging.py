@@ -1,0 +1,245 @@
+"""Packaging: the core modules import and compute with the core install alone (no TensorFlow, no
+input or plotting stack); one version string; py.typed ships; CI runs the README's test command."""
+
+import importlib.metadata
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import numpy as np
+import pytest
+
+import hscl_jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Modules that must import and work with the core install (pyproject's `dependencies`). When a
+# module is added or split out (the step, features, ...), list it here; `_core_results` below
+# calls the loss, model, train step and kNN evaluator from where they live.
+CORE_MODULES = (
+    "hscl_jax",
+    "hscl_jax.losses",
+    "hscl_jax.models",
+    "hscl_jax.trainer",
+    "hscl_jax.evaluate",
+    "hscl_jax.analysis",
+    "hscl_jax.sweep",
+    "hscl_jax.data",
+)
+# Top-level packages that only the extras ([data], [plot]) install: blocked in the subprocess.
+EXTRA_PACKAGES = (
+    "tensorflow",
+    "tensorflow_datasets",
+    "tensorboard",
+    "grain",
+    "array_record",
+    "sklearn",
+    "matplotlib",
+)
+
+# Runs in a fresh interpreter: a meta-path finder refuses every EXTRA_PACKAGES import (as if not
+# installed) and records the attempt; then CORE_MODULES import and `_core_results` runs.
+_WITHOUT_EXTRAS = r"""
+import importlib, importlib.abc, json, sys
+
+blocked, modules, tests_dir = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3]
+attempts = []
+
+
+class BlockExtras(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            attempts.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, BlockExtras())
+for module in modules:
+    importlib.import_module(module)
+sys.path.insert(0, tests_dir)
+import test_packaging
+
+results = test_packaging._core_results()
+print(json.dumps({"results": results, "attempts": attempts}))
+"""
+
+
+def _core_results() -> dict[str, float]:
+    """A loss and its gradient, a model's forward pass, one pmapped SGD step and a kNN accuracy,
+    as plain floats (compared between a process without the extras and this one)."""
+    import jax
+    import jax.numpy as jnp
+
+    from hscl_jax import evaluate, losses, models, trainer
+
+    rng = np.random.default_rng(0)
+    z1, z2 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
+    z1, z2 = (z / np.linalg.norm(z, axis=1, keepdims=True) for z in (z1, z2))
+    labels = rng.integers(0, 3, size=16).astype(np.int32)
+    loss, grad = jax.value_and_grad(lambda z: losses.hscl(z, z2, labels, beta=1.0))(jnp.asarray(z1))
+
+    model = models.create_model(
+        "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=trainer.AXIS_NAME
+    )
+    optim = trainer.base_config("digits").optim
+    optim.name, optim.learning_rate, optim.momentum = "sgd", 0.5, 0.0
+    tx, _ = trainer.create_optimizer(optim, 10)
+    state = trainer.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
+    images = rng.normal(size=(2, 16, 8, 8, 1)).astype(np.float32)
+    features, projection = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images[0], train=False
+    )
+    devices = jax.devices()[:1]
+    step = trainer.make_pmap_train_step(model, tx, "hscl", {"beta": 1.0}, devices)
+    batch = {"view1": images[:1], "view2": images[1:], "label": labels[None]}
+    _, metrics = step(trainer.replicate(state, devices), batch)
+
+    knn = evaluate.knn_accuracy(
+        np.asarray(features), labels, np.asarray(features), labels, num_classes=3, k=4
+    )
+    return {
+        "loss": float(loss),
+        "grad_norm": float(jnp.linalg.norm(grad)),
+        "feature_norm": float(jnp.linalg.norm(features, axis=1).mean()),
+        "projection_sum": float(jnp.abs(projection).sum()),
+        "step_loss": float(metrics["loss"][0]),
+        "knn_top1": knn["knn_top1"],
+    }
+
+
+def test_core_modules_import_and_compute_without_the_extras():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _WITHOUT_EXTRAS,
+            ",".join(EXTRA_PACKAGES),
+            ",".join(CORE_MODULES),
+            str(REPO / "tests"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    without_extras = json.loads(result.stdout.strip().splitlines()[-1])
+    # The core never even tries to import an extra (a try/except around one would hide a feature
+    # silently missing from the core install).
+    assert without_extras["attempts"] == []
+    here = _core_results()
+    assert without_extras["results"].keys() == here.keys()
+    for name, value in here.items():
+        assert np.isfinite(value), name
+        np.testing.assert_allclose(without_extras["results"][name], value, rtol=1e-5, err_msg=name)
+    assert here["feature_norm"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_blocker_refuses_an_extra():
+    # Guards the test above: a blocker that let TensorFlow through would make it pass vacuously.
+    script = _WITHOUT_EXTRAS.split("for module in modules:")[0] + "import tensorflow\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script, ",".join(EXTRA_PACKAGES), "", ""],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: No module named 'tensorflow' (blocked)" in result.stderr
+
+
+def test_installed_metadata_carries_the_package_version():
+    # Fails when the environment's install is stale: reinstall (see the README's test command).
+    assert importlib.metadata.version("hscl_jax") == hscl_jax.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", hscl_jax.__version__)
+
+
+def test_wheel_has_the_version_py_typed_and_only_core_requirements(tmp_path):
+    # The wheel is built with this environment's setuptools (no download): it must be the one the
+    # build system asks for, which the README's test command installs.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (required,) = pyproject["build-system"]["requires"]
+    minimum = re.fullmatch(r"setuptools>=(\d+)", required).group(1)
+    installed = importlib.metadata.version("setuptools")
+    if int(installed.split(".")[0]) < int(minimum):
+        pytest.fail(
+            f"setuptools {installed} is older than the build system's {required}: install with "
+            '`pip install -c constraints.txt -e ".[data,plot,test]"`'
+        )
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(
+        REPO / "hscl_jax", source / "hscl_jax", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["--no-index", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("hscl_jax-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (metadata_name,) = (n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = archive.read(metadata_name).decode()
+    assert re.search(r"^Version: (.+)$", metadata, re.M).group(1) == hscl_jax.__version__
+    assert {"hscl_jax/py.typed", "hscl_jax/losses.py", "hscl_jax/data/__init__.py"} <= names
+    core = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
+    core_names = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in core}
+    assert core_names == {
+        "jax",
+        "flax",
+        "optax",
+        "chex",
+        "orbax-checkpoint",
+        "ml-collections",
+        "numpy",
+        "absl-py",
+    }
+    assert all(">=" in r and "==" not in r for r in core), core
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    (command,) = re.findall(r"Run the tests[^\n]*\n\n```bash\n([^\n]+)\n```", readme)
+    install, run_tests = command.split(" && ")
+    assert "-c constraints.txt" in install
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    assert ci_lines.index(install) < ci_lines.index(run_tests)
+
+
+def test_constraints_pin_every_requirement_exactly():
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    for requirement in requirements:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)).lower()
+        assert name in pins, f"{name} is not in constraints.txt"
+        lower = re.search(r">=\s*([0-9][^,;\s]*)", requirement)
+        if lower:
+            # The lock is inside the range: the lower bound is not above what CI tests.
+            pinned = tuple(int(p) for p in re.findall(r"\d+", pins[name]))
+            assert tuple(int(p) for p in re.findall(r"\d+", lower.group(1))) <= pinned, name
