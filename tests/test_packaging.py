@@ -20,8 +20,9 @@ import hscl_jax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Modules that must import and work with the core install (pyproject's `dependencies`). When a
-# module is added or split out (the step, features, ...), list it here; `_core_results` below
-# calls the loss, model, train step and kNN evaluator from where they live.
+# module is added or split out (the step, features, ...), list it here; `_loss_results` and
+# `_model_step_knn_results` below call the loss, model, train step and kNN evaluator from where
+# they live.
 CORE_MODULES = (
     "hscl_jax",
     "hscl_jax.losses",
@@ -44,7 +45,7 @@ EXTRA_PACKAGES = (
 )
 
 # Runs in a fresh interpreter: a meta-path finder refuses every EXTRA_PACKAGES import (as if not
-# installed) and records the attempt; then CORE_MODULES import and `_core_results` runs.
+# installed) and records the attempt; then CORE_MODULES import and the computations run.
 _WITHOUT_EXTRAS = r"""
 import importlib, importlib.abc, json, sys
 
@@ -66,24 +67,32 @@ for module in modules:
 sys.path.insert(0, tests_dir)
 import test_packaging
 
-results = test_packaging._core_results()
+results = {**test_packaging._loss_results(), **test_packaging._model_step_knn_results()}
 print(json.dumps({"results": results, "attempts": attempts}))
 """
 
 
-def _core_results() -> dict[str, float]:
-    """A loss and its gradient, a model's forward pass, one pmapped SGD step and a kNN accuracy,
-    as plain floats (compared between a process without the extras and this one)."""
+def _loss_results() -> dict[str, float]:
+    """H-SCL's value and gradient norm on a fixed batch (compared with this process's)."""
     import jax
     import jax.numpy as jnp
 
-    from hscl_jax import evaluate, losses, models, trainer
+    from hscl_jax import losses
 
     rng = np.random.default_rng(0)
     z1, z2 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
     z1, z2 = (z / np.linalg.norm(z, axis=1, keepdims=True) for z in (z1, z2))
     labels = rng.integers(0, 3, size=16).astype(np.int32)
     loss, grad = jax.value_and_grad(lambda z: losses.hscl(z, z2, labels, beta=1.0))(jnp.asarray(z1))
+    return {"loss": float(loss), "grad_norm": float(jnp.linalg.norm(grad))}
+
+
+def _model_step_knn_results() -> dict[str, float]:
+    """A model's init and forward pass, one pmapped SGD step, a kNN accuracy with a known answer."""
+    import jax
+    import jax.numpy as jnp
+
+    from hscl_jax import evaluate, models, trainer
 
     model = models.create_model(
         "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=trainer.AXIS_NAME
@@ -92,24 +101,31 @@ def _core_results() -> dict[str, float]:
     optim.name, optim.learning_rate, optim.momentum = "sgd", 0.5, 0.0
     tx, _ = trainer.create_optimizer(optim, 10)
     state = trainer.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
+    rng = np.random.default_rng(1)
     images = rng.normal(size=(2, 16, 8, 8, 1)).astype(np.float32)
-    features, projection = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images[0], train=False
+    labels = np.arange(16, dtype=np.int32) % 4
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    features, projection = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, images[0]
     )
     devices = jax.devices()[:1]
     step = trainer.make_pmap_train_step(model, tx, "hscl", {"beta": 1.0}, devices)
     batch = {"view1": images[:1], "view2": images[1:], "label": labels[None]}
-    _, metrics = step(trainer.replicate(state, devices), batch)
-
-    knn = evaluate.knn_accuracy(
-        np.asarray(features), labels, np.asarray(features), labels, num_classes=3, k=4
+    new_state, metrics = step(trainer.replicate(state, devices), batch)
+    moved = jax.tree.map(
+        lambda new, old: jnp.abs(new[0] - old).max(), new_state.params, state.params
     )
+
+    # Four tight clusters, one per class: every point's 3 nearest neighbours share its class.
+    centres = np.eye(4, 8, dtype=np.float32)
+    points = centres[labels] + 0.01 * rng.normal(size=(16, 8)).astype(np.float32)
+    knn = evaluate.knn_accuracy(points, labels, points, labels, num_classes=4, k=3)
     return {
-        "loss": float(loss),
-        "grad_norm": float(jnp.linalg.norm(grad)),
-        "feature_norm": float(jnp.linalg.norm(features, axis=1).mean()),
-        "projection_sum": float(jnp.abs(projection).sum()),
+        "feature_norm_error": float(jnp.abs(jnp.linalg.norm(features, axis=1) - 1).max()),
+        "projection_norm_error": float(jnp.abs(jnp.linalg.norm(projection, axis=1) - 1).max()),
         "step_loss": float(metrics["loss"][0]),
+        "step_num_anchors": float(metrics["num_anchors"][0]),
+        "step_largest_update": float(max(jax.tree.leaves(moved))),
         "knn_top1": knn["knn_top1"],
     }
 
@@ -134,12 +150,15 @@ def test_core_modules_import_and_compute_without_the_extras():
     # The core never even tries to import an extra (a try/except around one would hide a feature
     # silently missing from the core install).
     assert without_extras["attempts"] == []
-    here = _core_results()
-    assert without_extras["results"].keys() == here.keys()
-    for name, value in here.items():
-        assert np.isfinite(value), name
-        np.testing.assert_allclose(without_extras["results"][name], value, rtol=1e-5, err_msg=name)
-    assert here["feature_norm"] == pytest.approx(1.0, abs=1e-5)
+    results = without_extras["results"]
+    assert all(np.isfinite(value) for value in results.values()), results
+    for name, value in _loss_results().items():
+        np.testing.assert_allclose(results[name], value, rtol=1e-5, err_msg=name)
+    assert results["feature_norm_error"] < 1e-5 and results["projection_norm_error"] < 1e-5
+    # Every one of the 2 x 16 views has a positive and a negative; SGD moved the parameters.
+    assert results["step_num_anchors"] == 32 and results["step_loss"] > 0
+    assert results["step_largest_update"] > 1e-4
+    assert results["knn_top1"] == 1.0
 
 
 def test_the_blocker_refuses_an_extra():
