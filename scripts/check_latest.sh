@@ -20,19 +20,16 @@ if ! "$PYTHON" --version >/dev/null 2>&1 && command -v pyenv >/dev/null; then
 fi
 VENV="${VENV:-$(mktemp -d)/venv}"
 NEWEST=(jax jaxlib flax optax chex orbax-checkpoint ml-collections numpy)
-# The tests that need only the core install: every loss, model, evaluator and packaging test (the
-# evaluator's digits-run tests skip without TFDS), the optimiser and the train step (pmap over 1
-# and 8 devices, shard_map).
+# The tests that need only the core install: the losses, models, optimisers, train step (pmap over
+# 1 and 8 devices, shard_map), evaluators and packaging; the few of them that train on digits skip
+# without TFDS.
 TESTS=(
   tests/test_losses.py
   tests/test_models.py
+  tests/test_optim.py
+  tests/test_step.py
   tests/test_evaluate.py
   tests/test_packaging.py
-  tests/test_trainer.py::test_reference_adam_adds_weight_decay_to_the_gradient
-  tests/test_trainer.py::test_weight_decay_mask_and_sgd
-  tests/test_trainer.py::test_schedules
-  tests/test_trainer.py::test_pmap_over_8_devices_equals_one_device_update
-  tests/test_trainer.py::test_shard_map_gives_the_pmap_update
 )
 if [[ $# -gt 0 ]]; then TESTS=("$@"); fi
 

@@ -27,12 +27,19 @@ CORE_MODULES = (
     "hscl_jax",
     "hscl_jax.losses",
     "hscl_jax.models",
-    "hscl_jax.trainer",
-    "hscl_jax.evaluate",
-    "hscl_jax.analysis",
-    "hscl_jax.sweep",
     "hscl_jax.data",
+    "hscl_jax.theory",
+    "hscl_jax.optim",
+    "hscl_jax.metrics",
+    "hscl_jax.checkpoints",
+    "hscl_jax.config",
+    "hscl_jax.features",
+    "hscl_jax.step",
+    "hscl_jax.evaluate",
+    "hscl_jax.trainer",
+    "hscl_jax.sweep",
 )
+# Not core: hscl_jax.plot and hscl_jax.analysis (which imports plot) need the [plot] extra.
 # Top-level packages that only the extras ([data], [plot]) install: blocked in the subprocess.
 EXTRA_PACKAGES = (
     "tensorflow",
@@ -92,15 +99,15 @@ def _model_step_knn_results() -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from hscl_jax import evaluate, models, trainer
+    from hscl_jax import config, evaluate, models, optim, step
 
     model = models.create_model(
-        "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=trainer.AXIS_NAME
+        "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=step.AXIS_NAME
     )
-    optim = trainer.base_config("digits").optim
-    optim.name, optim.learning_rate, optim.momentum = "sgd", 0.5, 0.0
-    tx, _ = trainer.create_optimizer(optim, 10)
-    state = trainer.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
+    optim_config = config.base_config("digits").optim
+    optim_config.name, optim_config.learning_rate, optim_config.momentum = "sgd", 0.5, 0.0
+    tx, _ = optim.create_optimizer(optim_config, 10)
+    state = step.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
     rng = np.random.default_rng(1)
     images = rng.normal(size=(2, 16, 8, 8, 1)).astype(np.float32)
     labels = np.arange(16, dtype=np.int32) % 4
@@ -109,9 +116,9 @@ def _model_step_knn_results() -> dict[str, float]:
         variables, images[0]
     )
     devices = jax.devices()[:1]
-    step = trainer.make_pmap_train_step(model, tx, "hscl", {"beta": 1.0}, devices)
+    train_step = step.make_pmap_train_step(model, tx, "hscl", {"beta": 1.0}, devices)
     batch = {"view1": images[:1], "view2": images[1:], "label": labels[None]}
-    new_state, metrics = step(trainer.replicate(state, devices), batch)
+    new_state, metrics = train_step(step.replicate(state, devices), batch)
     moved = jax.tree.map(
         lambda new, old: jnp.abs(new[0] - old).max(), new_state.params, state.params
     )
