@@ -51,16 +51,15 @@ EXTRA_PACKAGES = (
     "matplotlib",
 )
 
-# Runs in a fresh interpreter: a meta-path finder refuses every EXTRA_PACKAGES import (as if not
-# installed) and records the attempt; then CORE_MODULES import and the computations run.
-_WITHOUT_EXTRAS = r"""
+# The start of a fresh interpreter's script: a meta-path finder refuses every package named in
+# sys.argv[1] (comma-separated) as if it were not installed, and records the attempt.
+_BLOCK_PACKAGES = r"""
 import importlib, importlib.abc, json, sys
 
-blocked, modules, tests_dir = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3]
-attempts = []
+blocked, attempts = sys.argv[1].split(","), []
 
 
-class BlockExtras(importlib.abc.MetaPathFinder):
+class BlockPackages(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in blocked:
             attempts.append(name)
@@ -68,15 +67,21 @@ class BlockExtras(importlib.abc.MetaPathFinder):
         return None
 
 
-sys.meta_path.insert(0, BlockExtras())
-for module in modules:
+sys.meta_path.insert(0, BlockPackages())
+"""
+# EXTRA_PACKAGES blocked: CORE_MODULES (argv[2]) import, then the computations run.
+_WITHOUT_EXTRAS = (
+    _BLOCK_PACKAGES
+    + r"""
+for module in sys.argv[2].split(","):
     importlib.import_module(module)
-sys.path.insert(0, tests_dir)
+sys.path.insert(0, sys.argv[3])
 import test_packaging
 
 results = {**test_packaging._loss_results(), **test_packaging._model_step_knn_results()}
 print(json.dumps({"results": results, "attempts": attempts}))
 """
+)
 
 
 def _loss_results() -> dict[str, float]:
@@ -170,15 +175,41 @@ def test_core_modules_import_and_compute_without_the_extras():
 
 def test_the_blocker_refuses_an_extra():
     # Guards the test above: a blocker that let TensorFlow through would make it pass vacuously.
-    script = _WITHOUT_EXTRAS.split("for module in modules:")[0] + "import tensorflow\n"
     result = subprocess.run(
-        [sys.executable, "-c", script, ",".join(EXTRA_PACKAGES), "", ""],
+        [sys.executable, "-c", _BLOCK_PACKAGES + "import tensorflow\n", ",".join(EXTRA_PACKAGES)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
     assert "ModuleNotFoundError: No module named 'tensorflow' (blocked)" in result.stderr
+
+
+def test_metric_writer_without_tensorboard_writes_jsonl_and_warns_once(tmp_path):
+    script = _BLOCK_PACKAGES + (
+        "from hscl_jax import metrics\n"
+        "writer = metrics.MetricWriter(sys.argv[2], enabled=True)\n"
+        "writer.write(1, {'loss': 2.5})\n"
+        "writer.write(2, {'loss': 1.5})\n"
+        "writer.close()\n"
+        "print(json.dumps(attempts))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "tensorboard", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)[0].startswith("tensorboard")
+    assert result.stderr.count("tensorboard is not installed") == 1
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line) for line in f] == [
+            {"step": 1, "loss": 2.5},
+            {"step": 2, "loss": 1.5},
+        ]
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_installed_metadata_carries_the_package_version():
