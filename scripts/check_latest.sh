@@ -42,7 +42,7 @@ if [[ -z "${KEEP_VENV:-}" ]]; then trap 'rm -rf "$VENV"' EXIT; fi
 
 echo "== installed with $("$VENV/bin/python" --version)"
 "$VENV/bin/python" -m pip list --format=freeze 2>/dev/null \
-  | grep -i -E "^($(IFS='|'; echo "${NEWEST[*]}"))==" | sed 's/^/  /'
+  | grep -i -E "^($(IFS='|'; echo "${NEWEST[*]}" | sed 's/-/[-_]/g'))==" | sed 's/^/  /'
 if "$VENV/bin/python" -c "import tensorflow" 2>/dev/null; then
   echo "TensorFlow is installed in the core environment: the core must not need it" >&2
   exit 1
