@@ -712,3 +712,75 @@ def test_random_png_dataset_streams_and_tfrecord_files_are_refused(tmp_path):
         r"--file_format=array_record`",
     ):
         data.train_iterator(config, global_batch_size=16, seed=0, info=info)
+
+
+def test_resize_decode_keeps_the_centre_square_of_the_shorter_side():
+    import io
+
+    import PIL.Image
+
+    from hscl_jax.data.grain_source import ResizeDecode
+
+    def encoded(pixels, image_format):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(pixels).save(buffer, format=image_format)
+        return buffer.getvalue()
+
+    # 40 wide x 20 high: the outer 8 columns on each side are red, the middle is blue. The
+    # shorter side 20 -> 10 halves the image to 20 x 10, whose centre 10 x 10 is the blue part.
+    landscape = np.zeros((20, 40, 3), np.uint8)
+    landscape[:, :, 2] = 255
+    landscape[:, :8] = landscape[:, 32:] = (255, 0, 0)
+    pixels = ResizeDecode(size=10, channels=3)(encoded(landscape, "PNG"))
+    assert pixels.shape == (10, 10, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, np.broadcast_to([0, 0, 255], (10, 10, 3)))
+    # Portrait, grayscale: rows are cropped instead of columns.
+    portrait = np.full((40, 20), 200, np.uint8)
+    portrait[:8] = portrait[32:] = 0
+    np.testing.assert_array_equal(ResizeDecode(10, 1)(encoded(portrait, "PNG")), 200)
+    # A large JPEG decoded at a reduced DCT scale matches a full decode resized the same way.
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((25, 25, 1))).astype(np.uint8)
+    photo = encoded(smooth, "JPEG")
+    full = PIL.Image.open(io.BytesIO(photo)).convert("RGB").resize((85, 64))
+    drafted = ResizeDecode(64, 3)(photo).astype(np.float32)
+
+    def error(left):
+        return np.abs(drafted - np.asarray(full.crop((left, 0, left + 64, 64)), np.float32)).mean()
+
+    # ~4.4 grey levels at the centre crop (JPEG at 1/4 scale); shifted by 2 pixels: ~32.
+    assert error(10) < 8.0 and min(error(8), error(12)) > 20.0
+
+
+def test_images_of_varying_size_arrive_resized_and_centre_cropped(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data import random_images_builder as random_images
+    from hscl_jax.data.grain_source import ResizeDecode
+
+    info = random_images.random_images_info(48, 16, variable_size=True)
+    random_images.prepare_random_images(48, 16, str(tmp_path), variable_size=True)
+    config = data.default_data_config("cifar10")
+    config.data_dir = str(tmp_path)
+    batch = next(
+        data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2, info=info)
+    )
+    chex.assert_shape([batch["view1"], batch["view2"]], (2, 8, 16, 16, 3))
+    first = next(data.eval_iterator(config, split="train", batch_size=16, info=info))
+    stored = tfds.data_source(
+        info.name,
+        split="train",
+        data_dir=str(tmp_path),
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    import io
+
+    import PIL.Image
+
+    sizes = {PIL.Image.open(io.BytesIO(stored[i]["image"])).size for i in range(16)}
+    assert len(sizes) > 8 and min(min(size) for size in sizes) < 16 < max(max(s) for s in sizes)
+    decode = ResizeDecode(16, 3)
+    mean, std = np.array(info.mean), np.array(info.std)
+    expected = np.stack([(decode(stored[i]["image"]) / 255.0 - mean) / std for i in range(16)])
+    np.testing.assert_allclose(first["image"].reshape(16, 16, 16, 3), expected, atol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -27,11 +28,49 @@ _WORKER_BUFFER_BATCHES = 2
 _NEVER_SHARED_MEMORY = 2**62
 
 
-def read_examples(records: Sequence[dict], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """{"image": uint8 (n, H, W, C), "label": int32 (n,)} of the records at `indices`."""
+@dataclasses.dataclass(frozen=True)
+class ResizeDecode:
+    """Encoded image bytes -> uint8 (size, size, channels): the shorter side resized to `size`
+    (bilinear, antialiased), then the centre size x size crop, as ImageNet evaluation does.
+
+    JPEGs are decoded at the smallest DCT scale that keeps both sides >= size (PIL's draft
+    mode), which makes decoding a large photo several times cheaper.
+    """
+
+    size: int
+    channels: int
+
+    def __call__(self, encoded: bytes) -> np.ndarray:
+        import PIL.Image
+
+        mode = "RGB" if self.channels == 3 else "L"
+        with PIL.Image.open(io.BytesIO(encoded)) as image:
+            image.draft(mode, (self.size, self.size))
+            image = image.convert(mode)
+        width, height = image.size
+        scale = self.size / min(width, height)
+        resized = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
+        image = image.resize(resized, PIL.Image.Resampling.BILINEAR)
+        left = (resized[0] - self.size) // 2
+        top = (resized[1] - self.size) // 2
+        pixels = np.asarray(image.crop((left, top, left + self.size, top + self.size)), np.uint8)
+        return pixels.reshape(self.size, self.size, self.channels)
+
+
+def read_examples(
+    records: Sequence[dict], indices: np.ndarray, decode: ResizeDecode | None = None
+) -> dict[str, np.ndarray]:
+    """{"image": uint8 (n, H, W, C), "label": int32 (n,)} of the records at `indices`.
+
+    `decode` turns encoded image bytes into pixels; None: the records hold decoded images.
+    """
     examples = [records[int(index)] for index in indices]
+    images = [
+        decode(example["image"]) if decode else np.asarray(example["image"], np.uint8)
+        for example in examples
+    ]
     return {
-        "image": np.stack([np.asarray(example["image"], np.uint8) for example in examples]),
+        "image": np.stack(images),
         "label": np.array([example["label"] for example in examples], dtype=np.int32),
     }
 
@@ -44,10 +83,11 @@ class TrainBatchReader:
     indexer: BatchIndexer
     host_start: int
     host_stop: int
+    decode: ResizeDecode | None = None
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         indices = self.indexer(step)[self.host_start : self.host_stop]
-        return read_examples(self.records, indices)
+        return read_examples(self.records, indices, self.decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +102,12 @@ class EvalBatchReader:
     batch_size: int
     host_start: int
     host_stop: int
+    decode: ResizeDecode | None = None
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         positions = batch * self.batch_size + np.arange(self.host_start, self.host_stop)
         mask = positions < len(self.records)
-        examples = read_examples(self.records, positions[mask])
+        examples = read_examples(self.records, positions[mask], self.decode)
         host_batch = self.host_stop - self.host_start
         images = np.zeros((host_batch, *examples["image"].shape[1:]), np.uint8)
         labels = np.zeros(host_batch, np.int32)

@@ -123,10 +123,15 @@ def _indexer(data_config, num_examples: int, labels, global_batch_size: int, see
 
 
 def _open_tfds(info: DatasetInfo, data_config, split: str):
+    """(records, decode) of a split: images of varying size come encoded, for `decode`."""
     from hscl_jax.data import tfds_source
 
     grain_source.check_decode_workers(data_config.decode_workers)
-    return tfds_source.open_split(info, data_config.data_dir, split)
+    records = tfds_source.open_split(
+        info, data_config.data_dir, split, decode_images=not info.variable_size
+    )
+    decode = grain_source.ResizeDecode(info.image_size, info.channels)
+    return records, decode if info.variable_size else None
 
 
 def _per_device(array: np.ndarray, layout: _Layout) -> np.ndarray:
@@ -168,7 +173,7 @@ def _num_examples(info: DatasetInfo, data_config, split: str) -> int:
         from hscl_jax.data.synthetic import synthetic_split
 
         return len(synthetic_split(info, split)[1])
-    return len(_open_tfds(info, data_config, split))
+    return len(_open_tfds(info, data_config, split)[0])
 
 
 def steps_per_epoch(data_config, global_batch_size: int, *, info: DatasetInfo | None = None) -> int:
@@ -214,12 +219,14 @@ def train_iterator(
     from hscl_jax.data import tfds_source
     from hscl_jax.data.augment import resolve_augmentation
 
-    records = _open_tfds(info, data_config, info.train_split)
+    records, decode = _open_tfds(info, data_config, info.train_split)
     labels = None
     if data_config.sampler == "class_balanced":
         labels = tfds_source.split_labels(info, data_config.data_dir, info.train_split)
     indexer = _indexer(data_config, len(records), labels, global_batch_size, seed)
-    reader = grain_source.TrainBatchReader(records, indexer, layout.host_start, layout.host_stop)
+    reader = grain_source.TrainBatchReader(
+        records, indexer, layout.host_start, layout.host_stop, decode
+    )
     aug = resolve_augmentation(data_config.augmentation, info)
     return _tfds_train(reader, layout, info, aug, data_config, seed, start_step)
 
@@ -296,8 +303,10 @@ def eval_iterator(
 
         images, labels = synthetic_split(info, split)
         return _synthetic_eval(images, labels, layout)
-    records = _open_tfds(info, data_config, split)
-    reader = grain_source.EvalBatchReader(records, batch_size, layout.host_start, layout.host_stop)
+    records, decode = _open_tfds(info, data_config, split)
+    reader = grain_source.EvalBatchReader(
+        records, batch_size, layout.host_start, layout.host_stop, decode
+    )
     num_batches = math.ceil(len(records) / batch_size)
     return _tfds_eval(reader, num_batches, layout, info, data_config)
 

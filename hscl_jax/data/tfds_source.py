@@ -97,7 +97,8 @@ def open_split(
     """Split `split` as a random-access sequence of {"image": uint8 (H, W, C), "label": int}.
 
     The sequence pickles cheaply (Grain sends it to its worker processes) and reads one record
-    per index. With decode_images=False the "image" entries are the undecoded bytes. Raises
+    per index. With decode_images=False the "image" entries are the undecoded bytes (for a
+    dataset whose images vary in size, `grain_source.ResizeDecode` decodes them). Raises
     DatasetNotPreparedError or DatasetFormatError with the fix when the data is not readable.
     Opened splits are memoised per process (the periodic evaluation reopens them);
     `clear_cache()` forgets them.
@@ -137,7 +138,7 @@ def _cached_open(
         raise ValueError(f"Split {split!r} of {info.name!r} in {data_dir} holds no examples.")
     expected = (info.image_size, info.image_size, info.channels)
     shape = tuple(builder.info.features["image"].shape)
-    if shape != expected:
+    if shape[-1:] != expected[-1:] or not (info.variable_size or shape == expected):
         raise ValueError(
             f"{info.name} split {split!r} in {data_dir} has images of shape {shape}, "
             f"expected {expected}."
