@@ -49,6 +49,7 @@ class RandomImages(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First version."}
     BUILDER_CONFIGS = [
         _config(48, 16),
+        _config(96, 16),
         _config(48, 16, variable_size=True),
         _config(5_000, 64),
         _config(100_000, 64),
