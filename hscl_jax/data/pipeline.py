@@ -170,9 +170,7 @@ def _ordered_parallel_map(
 
 def _num_examples(info: DatasetInfo, data_config, split: str) -> int:
     if info.name == "synthetic":
-        from hscl_jax.data.synthetic import synthetic_split
-
-        return len(synthetic_split(info, split)[1])
+        return info.num_train if split == info.train_split else info.num_test
     return len(_open_tfds(info, data_config, split)[0])
 
 
