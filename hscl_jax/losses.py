@@ -185,6 +185,16 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, hig
     return value
 
 
+def check_beta(value: Any):
+    """A concrete beta as a float (finite, >= 0); a traced value passes as is."""
+    return _check_number("beta", value, low=0.0, low_inclusive=True)
+
+
+def check_temperature(value: Any):
+    """A concrete temperature as a float (finite, > 0); a traced value passes as is."""
+    return _check_number("temperature", value, low=0.0, low_inclusive=False)
+
+
 def _check_inputs(z1, z2, labels, block_size) -> None:
     z1_shape, z2_shape = jnp.shape(z1), jnp.shape(z2)
     if len(z1_shape) != 2 or z1_shape != z2_shape:
@@ -1347,3 +1357,11 @@ def allowed_options(name: str) -> tuple[str, ...]:
         raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
     params = inspect.signature(_BY_NAME[name]).parameters.values()
     return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "axis_name")
+
+
+def takes_labels(name: str) -> bool:
+    """Whether loss ``name`` is supervised (scl, hscl, supcon): its negatives are views of other
+    classes, so a batch needs two classes for any anchor to have one."""
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
+    return name in _TAKES_LABELS
