@@ -6,6 +6,8 @@
     python bench/losses.py --sizes 2048 --no-memory          # with dense time per hardening
     python bench/losses.py --sizes 512 --hardening-views 0 --no-dense-memory --memory-views 512 \
         --queue-size 65536                 # the queue row: 2B = 512, K = 65,536, blocked
+    git show loss-grad-done:hscl_jax/losses.py > /tmp/old_losses.py
+    python bench/losses.py --sizes 2048 --repeats 15 --compare-losses /tmp/old_losses.py
 
 For each 2B (number of views) it prints the median fwd+bwd time of H-SCL (beta = 1, d = 128,
 positives="all") dense and blocked, and the ratio to a bare ``z @ z.T`` forward and backward at the
@@ -26,6 +28,7 @@ found: embeddings collapsed into a cone whose spread of s over the negatives is 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import resource
 import statistics
@@ -135,6 +138,38 @@ def _hardening_rows(num_views: int, repeats: int) -> None:
         fn = _loss_and_grad(None, **options)
         ms = _median_time(fn, z1, z2, labels, queue, repeats=repeats) * 1e3
         print(f"  {name:<30} {ms:>8.1f}", flush=True)
+
+
+def _compare_losses(other_path: str, num_views: int, block_size: int, repeats: int) -> None:
+    """H-SCL fwd+bwd of another losses.py (e.g. from ``git show TAG:hscl_jax/losses.py``) and
+    of this one, alternated in one process, so that load on a shared machine hits both alike."""
+    spec = importlib.util.spec_from_file_location("other_losses", other_path)
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # dataclasses look their module up there
+    spec.loader.exec_module(other)
+    z1, z2, labels = _batch(num_views)
+    fns = {}
+    for name, module in (("other", other), ("this", losses)):
+        for bs in (None, block_size):
+
+            def loss(a, b, module=module, bs=bs):
+                return module.hscl(a, b, labels, beta=1.0, block_size=bs)
+
+            fns[name, bs] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    for fn in fns.values():
+        for _ in range(3):
+            jax.block_until_ready(fn(z1, z2))
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(z1, z2))
+            times[key].append(time.perf_counter() - start)
+    print(f"H-SCL beta=1 fwd+bwd at 2B={num_views}, {repeats} alternated calls each (ms):")
+    for (name, bs), t in times.items():
+        path = "dense" if bs is None else f"blocked ({bs})"
+        low, mid = min(t) * 1e3, statistics.median(t) * 1e3
+        print(f"  {name:<6} {path:<14} min {low:8.1f} median {mid:8.1f}")
 
 
 def _memory_child(num_views: int, block_size: int, queue_size: int = 0) -> None:
@@ -266,7 +301,11 @@ def main() -> None:
     )
     parser.add_argument("--queue-size", type=int, default=0, help="K of the queue row (0: none)")
     parser.add_argument("--queue-views", type=int, default=512, help="2B of the queue row")
+    parser.add_argument("--compare-losses", help="path of another losses.py to time against")
     args = parser.parse_args()
+    if args.compare_losses:
+        _compare_losses(args.compare_losses, max(args.sizes), args.block_size, args.repeats)
+        return
     if args.float32_limit:
         _float32_limit_table()
         return
