@@ -199,8 +199,7 @@ def _tfds_train(images, labels, indexer, layout, info, aug, data_config, seed, s
     tf = import_tensorflow()
 
     def view_params(step: int, view: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([seed, samplers.AUGMENT_STREAM, step, view])
-        params = augment.sample_params(rng, layout.global_batch, info.image_size, aug)
+        params = augment.view_params(seed, step, view, layout.global_batch, info.image_size, aug)
         return augment.slice_params(params, layout.host_start, layout.host_stop)
 
     @tf.function(autograph=False, reduce_retracing=True)
