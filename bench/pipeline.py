@@ -9,7 +9,7 @@ Measured, each alone on this machine (an augmented pair = one image's two views)
     default config (configs/default.py: digits preset, its global batch) and for CIFAR-10-shaped
     mock data (tfds.testing.mock_data serving random 32x32x3 uint8 images; full SimCLR recipe,
     batch 256; nothing is downloaded);
-  - step pairs/s: the trainer's pmapped train step (hscl_jax.trainer) on one device for the
+  - step pairs/s: the trainer's pmapped train step (hscl_jax.step.build_step) on one device for the
     matching model (digits: the default config's small CNN; CIFAR-10, with --cifar-step: the
     named ResNet at a small CPU batch), on a fixed batch (no input pipeline);
   - end to end (digits): steps fed by the pipeline through prefetch_to_device, both sharing the
@@ -22,9 +22,9 @@ the pipeline runs it, views fetched to numpy) against the device path (device_au
 jitted, uint8 images + parameters put on the device, views left there), on one fixed batch of
 random uint8 images with SimCLR parameters, at digits, CIFAR and 224 px shape (256 px stored
 images cropped to 224). Here the "device" is this CPU. Then the device augmentation's cost as a
-fraction of the ResNet-50 train step on the same core: at CIFAR shape, and at 224 px by proxy (no
-ImageNet-stem model yet): the CIFAR-stem ResNet-50 at 56 px has the same 56x56 first-stage maps
-as the ImageNet-stem one at 224 px, so the same FLOPs up to the 7x7 stem conv (~3%).
+fraction of the ResNet-50 train step on the same core (CPU seconds per pair, small batches): at
+CIFAR shape with the CIFAR stem, at 224 px with the ImageNet stem. Times are CPU seconds of this
+process, so other load on a shared machine does not count.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import os
 import tempfile
 import time
@@ -40,7 +39,9 @@ import time
 import jax
 import numpy as np
 
+from hscl_jax import config as config_lib
 from hscl_jax import data
+from hscl_jax import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_CIFAR_EXAMPLES = 8192
@@ -48,12 +49,7 @@ MOCK_CIFAR_EXAMPLES = 8192
 
 def default_config():
     """configs/default.py's config (the default digits run)."""
-    spec = importlib.util.spec_from_file_location(
-        "default_config", os.path.join(REPO, "configs", "default.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.config_from_file(os.path.join(REPO, "configs", "default.py"))
 
 
 def pipeline_pairs_per_second(data_config, batch_size: int, batches: int) -> float:
@@ -83,18 +79,11 @@ def _random_cifar_split(self, split, decoders=None, read_config=None, shuffle_fi
     )
 
 
-def make_step(model_config, loss_config, optim_config, input_shape):
-    """The trainer's pmapped step on one device, its state, and where it runs."""
-    from hscl_jax import models, trainer
-
+def make_step(config):
+    """The trainer's pmapped step for ``config`` on one device, and its replicated state."""
     devices = jax.local_devices()[:1]
-    model = models.model_from_config(model_config, bn_axis_name=trainer.AXIS_NAME)
-    tx, _ = trainer.create_optimizer(optim_config, total_steps=1000)
-    state = trainer.create_train_state(jax.random.key(0), model, tx, input_shape)
-    step = trainer.make_pmap_train_step(
-        model, tx, loss_config.name, trainer.loss_options(loss_config), devices
-    )
-    return step, trainer.replicate(state, devices)
+    built = step_lib.build_step(config, devices)
+    return built.train_step, step_lib.replicate(built.init_state(), devices)
 
 
 def step_pairs_per_second(step, state, batch, steps: int):
@@ -187,12 +176,13 @@ def device_augment_seconds(info, aug, batch_size: int, batches: int) -> float:
     )
 
 
-def step_seconds(model_name: str, side: int, batch_size: int, steps: int) -> float:
-    """CPU s/step of the trainer's pmapped train step (CIFAR-10 config, `model_name`)."""
-    from hscl_jax import trainer
-
-    config = trainer.base_config("cifar10")
+def step_seconds(model_name: str, stem: str, side: int, batch_size: int, steps: int) -> float:
+    """CPU s/step of the trainer's pmapped train step (CIFAR-10 config, `model_name` with `stem`)
+    on side x side inputs (a ResNet's parameters do not depend on the input size)."""
+    config = config_lib.base_config("cifar10")
+    config.num_steps = 1000  # the schedule's length; nothing reads the dataset for it
     config.model.name = model_name
+    config.model.stem = stem
     rng = np.random.default_rng(0)
     batch = {
         "view1": rng.normal(size=(1, batch_size, side, side, 3)).astype(np.float32),
@@ -200,11 +190,11 @@ def step_seconds(model_name: str, side: int, batch_size: int, steps: int) -> flo
         "label": rng.integers(0, 10, size=(1, batch_size)).astype(np.int32),
     }
     batch = jax.device_put(batch, jax.local_devices()[0])
-    step, state = make_step(config.model, config.loss, config.optim, (side, side, 3))
+    train_step, state = make_step(config)
     states = [state]  # the step donates its state: always continue with the returned one
 
     def run():
-        states[0], metrics = step(states[0], batch)
+        states[0], metrics = train_step(states[0], batch)
         jax.block_until_ready(metrics)
 
     return _cpu_seconds_per_call(run, steps)
@@ -240,13 +230,15 @@ def augmentation_benchmark(args) -> None:
         )
     if args.augment_step == "none":
         return
-    # 224 px by proxy: see the module docstring.
-    for name, side, batch_size in (("cifar10", 32, 8), ("224px", 56, 4)):
-        seconds_per_pair = step_seconds(args.augment_step, side, batch_size, steps=2) / batch_size
-        share = device_seconds_per_pair[name] / seconds_per_pair
+    for name, stem, side, batch_size in (
+        ("cifar10", "cifar", 32, 8),
+        ("224px", "imagenet", 224, 2),
+    ):
+        seconds = step_seconds(args.augment_step, stem, side, batch_size, args.augment_steps)
+        share = device_seconds_per_pair[name] * batch_size / seconds
         print(
-            f"device augmentation / {args.augment_step} train step, {name} (step at {side} px, "
-            f"batch {batch_size}, 1 CPU core: {seconds_per_pair:.3f} s/pair): {100 * share:.2f}%"
+            f"device augmentation / {args.augment_step} train step ({stem} stem), {name}, batch "
+            f"{batch_size}, 1 CPU core ({seconds / batch_size:.3f} s/pair): {100 * share:.2f}%"
         )
 
 
@@ -269,6 +261,7 @@ def main():
         help="only time host vs device augmentation on one core (see the module docstring)",
     )
     parser.add_argument("--large-batches", type=int, default=3, help="timed 224 px batches")
+    parser.add_argument("--augment-steps", type=int, default=2, help="timed steps (--augment)")
     parser.add_argument(
         "--augment-step",
         default="resnet50",
@@ -290,9 +283,8 @@ def main():
     # --- CIFAR-10 (mocked TFDS, full SimCLR recipe).
     import tensorflow_datasets as tfds
 
-    from hscl_jax import trainer
-
-    cifar_config = trainer.base_config("cifar10")
+    cifar_config = config_lib.base_config("cifar10")
+    cifar_config.num_steps = 1000  # the schedule's length; nothing reads the dataset for it
     cifar_config.data.data_dir = tempfile.mkdtemp()
     cifar_config.data.num_workers = args.workers
     with tfds.testing.mock_data(as_dataset_fn=_random_cifar_split):
@@ -307,10 +299,8 @@ def main():
             "view2": rng.normal(size=(1, batch_size, 32, 32, 3)).astype(np.float32),
             "label": rng.integers(0, 10, size=(1, batch_size)).astype(np.int32),
         }
-        step, state = make_step(
-            cifar_config.model, cifar_config.loss, cifar_config.optim, (32, 32, 3)
-        )
-        cifar_step, compile_seconds, _ = step_pairs_per_second(step, state, batch, steps=3)
+        train_step, state = make_step(cifar_config)
+        cifar_step, compile_seconds, _ = step_pairs_per_second(train_step, state, batch, steps=3)
         print(
             f"cifar10 step: trainer's {args.cifar_step} train step, batch {batch_size}, 1 "
             f"device: {cifar_step:9.1f} pairs/s (compile {compile_seconds:.0f} s); "
@@ -327,20 +317,19 @@ def main():
         f"digits (8x8x1, preset {config.data.augmentation.preset}), batch {batch_size}: "
         f"pipeline {digits_pipeline:9.0f} pairs/s"
     )
-    info = data.dataset_info("digits")
-    step, state = make_step(
-        config.model, config.loss, config.optim, (info.crop_size, info.crop_size, info.channels)
-    )
+    train_step, state = make_step(config)
     batch = next(
         data.train_iterator(config.data, global_batch_size=batch_size, seed=0, num_local_devices=1)
     )
-    digits_step, compile_seconds, state = step_pairs_per_second(step, state, batch, args.steps)
+    digits_step, compile_seconds, state = step_pairs_per_second(
+        train_step, state, batch, args.steps
+    )
     print(
         f"digits step: trainer's {config.model.name} train step ({config.loss.name}), batch "
         f"{batch_size}, 1 device: {digits_step:9.0f} pairs/s ({1e3 * batch_size / digits_step:.1f}"
         f" ms/step, compile {compile_seconds:.0f} s)"
     )
-    fed = end_to_end_pairs_per_second(step, state, config.data, batch_size, args.steps)
+    fed = end_to_end_pairs_per_second(train_step, state, config.data, batch_size, args.steps)
     print(
         f"digits end to end (pipeline -> prefetch_to_device -> step): {fed:9.0f} pairs/s "
         f"({100 * fed / digits_step:.0f}% of the fixed-batch step)"
