@@ -26,6 +26,7 @@ def digits_config(tmp_path_factory):
     config = data.default_data_config("digits")
     config.data_dir = str(tmp_path_factory.mktemp("tfds"))
     config.num_workers = 2
+    config.augment_on = "host"  # the host (TF) path; test_data_device_augment.py: the device one
     return config
 
 
@@ -438,6 +439,7 @@ def test_paper_datasets_through_mocked_tfds(name, tmp_path):
     info = data.dataset_info(name)
     config = data.default_data_config(name)
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     with tfds.testing.mock_data(as_dataset_fn=_random_split):
         batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2))
         evaluation = list(
@@ -461,6 +463,7 @@ def test_stl10_eval_resize(tmp_path):
     config = data.default_data_config("stl10")
     config.data_dir = str(tmp_path)
     config.eval_image_size = 32
+    config.augment_on = "host"
     with tfds.testing.mock_data(as_dataset_fn=_random_split):
         batch = next(data.eval_iterator(config, split="train", batch_size=16, num_local_devices=1))
     chex.assert_shape(batch["image"], (1, 16, 32, 32, 3))
@@ -472,6 +475,7 @@ def test_default_mock_data_policy(tmp_path):
 
     config = data.default_data_config("cifar10")
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     with tfds.testing.mock_data(num_examples=40):
         assert data.steps_per_epoch(config, 16) == 2
         batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=1))

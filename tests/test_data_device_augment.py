@@ -242,3 +242,68 @@ def test_device_path_runs_with_tensorflow_blocked():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "device augmentation ran without TensorFlow" in done.stdout
+
+
+# ----------------------------------------------------------------------------- the pipeline side
+
+
+@pytest.fixture(scope="module")
+def digits_configs(tmp_path_factory):
+    """Digits data configs, host and device augmentation, with flip, blur and jitter on too."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    configs = {}
+    for where in data.AUGMENT_ON:
+        config = data.default_data_config("digits")
+        config.data_dir = data_dir
+        config.num_workers = 1
+        config.augment_on = where
+        config.augmentation.update(
+            {"flip": True, "blur": True, "color_jitter": True, "saturation": 0.0, "hue": 0.0}
+        )
+        configs[where] = config
+    return configs
+
+
+def test_device_stream_ships_uint8_and_the_step_side_makes_the_host_views(digits_configs):
+    devices = jax.local_devices()[:2]
+    stream = {
+        where: data.train_iterator(
+            config, global_batch_size=16, seed=3, start_step=5, num_local_devices=2
+        )
+        for where, config in digits_configs.items()
+    }
+    host, shipped = next(stream["host"]), next(stream["device"])
+    assert set(shipped) == {"image", "view1_params", "view2_params", "label"}
+    assert shipped["image"].dtype == np.uint8 and shipped["image"].shape == (2, 8, 8, 8, 1)
+    assert shipped["view1_params"]["boxes"].shape == (2, 8, 4)
+    np.testing.assert_array_equal(shipped["label"], host["label"])
+    assert data.device_augmentation(digits_configs["host"]) is None
+    views = jax.pmap(data.device_augmentation(digits_configs["device"]), devices=devices)(shipped)
+    outside_the_step = data.stream_views(shipped, digits_configs["device"])
+    assert data.stream_views(host, digits_configs["host"]) is host
+    for key in ("view1", "view2"):
+        assert_same_views(np.asarray(views[key]), host[key], DIGITS)
+        assert_same_views(outside_the_step[key], host[key], DIGITS)
+
+    evals = {
+        where: next(data.eval_iterator(config, split="test", batch_size=64, num_local_devices=2))
+        for where, config in digits_configs.items()
+    }
+    assert evals["device"]["image"].dtype == np.uint8
+    assert data.device_eval_preprocess(digits_configs["host"]) is None
+    preprocess = data.device_eval_preprocess(digits_configs["device"], devices)
+    images = np.asarray(preprocess(evals["device"]["image"]))
+    assert_same_views(images, evals["host"]["image"], DIGITS)
+
+
+def test_unknown_augment_on_is_refused_in_one_line(digits_configs):
+    config = digits_configs["device"].copy_and_resolve_references()
+    config.augment_on = "gpu"
+    expected = "Unknown data.augment_on 'gpu'; expected one of host, device."
+    with pytest.raises(ValueError, match=expected):
+        data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=1)
+    with pytest.raises(ValueError, match=expected):
+        data.device_augmentation(config)
+    synthetic = data.default_data_config("synthetic")
+    synthetic.augment_on = "device"
+    assert data.device_augmentation(synthetic) is None  # no augmentation to move

@@ -12,6 +12,8 @@ Host/device contract (config.data.augment_on = "device"):
   - The device turns that into the host path's batch, {"view1", "view2": float32 (b, crop, crop,
     C) normalised, "label"}, with `augment_pair` inside the pmapped train step (or
     `pmap_augment_pair` right before it), and eval batches with `eval_images`.
+    `device_augmentation` and `device_eval_preprocess` bind them to a `config.data`;
+    `stream_views` gives the views of a shipped batch outside the step.
 The parameters are the host path's, drawn by the one numpy sampler, so a given (seed, step, view,
 position) gives the same view on either path: equal within float32 rounding (the tests compare).
 
@@ -40,8 +42,10 @@ from hscl_jax.data.augment import (
     SATURATION,
     Augmentation,
     reflect_shift_matrices,
+    resolve_augmentation,
 )
-from hscl_jax.data.info import DatasetInfo
+from hscl_jax.data.config import check_augment_on
+from hscl_jax.data.info import DatasetInfo, dataset_info
 
 _matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
@@ -250,3 +254,45 @@ def eval_images(images, info: DatasetInfo, image_size: int = 0) -> jax.Array:
         return _normalise(planes, info)
 
     return jax.vmap(one)(images)
+
+
+def _runs_on_device(data_config) -> bool:
+    on_device = check_augment_on(data_config.augment_on) == "device"
+    return on_device and data_config.name != "synthetic"
+
+
+def device_augmentation(data_config):
+    """The train step's `prepare_batch` for `config.data`: `augment_pair` bound to its
+    augmentation and dataset when augment_on is "device" (the pipeline then ships uint8 images
+    and parameters); None when it is "host" or the dataset has no augmentation ("synthetic")."""
+    if not _runs_on_device(data_config):
+        return None
+    info = dataset_info(data_config.name)
+    aug = resolve_augmentation(data_config.augmentation, info)
+    return functools.partial(augment_pair, aug=aug, info=info)
+
+
+def device_eval_preprocess(data_config, devices=None):
+    """pmapped uint8 (D, b, H, W, C) -> float32 normalised eval images for `config.data` when
+    augment_on is "device" (the eval stream then ships uint8 images); None otherwise."""
+    if not _runs_on_device(data_config):
+        return None
+    preprocess = functools.partial(
+        eval_images,
+        info=dataset_info(data_config.name),
+        image_size=data_config.eval_image_size,
+    )
+    return jax.pmap(preprocess, devices=devices)
+
+
+def stream_views(batch, data_config) -> dict:
+    """{"view1", "view2", "label"} (numpy, (D, b, ...)) of one `train_iterator` batch, as the train
+    step sees them: a shipped batch (augment_on="device") is augmented here, on the default
+    device; a host-augmented batch is returned as it is. For code that inspects training views
+    outside the step (analysis, tests)."""
+    prepare = device_augmentation(data_config)
+    if prepare is None:
+        return batch
+    leading = batch["label"].shape[:2]
+    flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:]), batch)
+    return jax.tree.map(lambda x: np.asarray(x).reshape(*leading, *x.shape[1:]), prepare(flat))

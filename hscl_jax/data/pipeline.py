@@ -5,12 +5,13 @@ sampler maps the step to example indices (one fresh plan per epoch, from (seed, 
 augmentation parameters come from (seed, step, view). Each host takes its contiguous slice of the
 global batch, so the hosts together see exactly what one host would.
 
-The augmentation is a TensorFlow graph (tf.function) run by a small pool of Python threads, each
-on whole batches, with results consumed in step order (TF releases the GIL, so the threads run in
-parallel). This replaces tf.data.Dataset.from_generator, whose PyFunc source hung or logged
-errors at interpreter exit with batches in flight, and after which every TF op in the process ran
-~2.5x slower (measured here with TF 2.21). TensorFlow is imported only when a TFDS dataset is
-used; the synthetic source is numpy.
+With augment_on="host" the augmentation is a TensorFlow graph (tf.function) run by a small pool of
+Python threads, each on whole batches, with results consumed in step order (TF releases the GIL, so
+the threads run in parallel). This replaces tf.data.Dataset.from_generator, whose PyFunc source
+hung or logged errors at interpreter exit with batches in flight, and after which every TF op in
+the process ran ~2.5x slower (measured here with TF 2.21). With augment_on="device" the same
+threads only index the uint8 images and draw the parameters; the augmentation runs in the train
+step. TensorFlow is imported only when a TFDS dataset is used; the synthetic source is numpy.
 
 Exact resumption also assumes the same numpy version: the plans and augmentation parameters come
 from numpy Generators seeded through SeedSequence, whose streams numpy keeps stable in practice
@@ -32,6 +33,7 @@ import jax
 import numpy as np
 
 from hscl_jax.data import samplers
+from hscl_jax.data.config import check_augment_on
 from hscl_jax.data.info import DatasetInfo, dataset_info
 
 
@@ -84,6 +86,7 @@ def _check_data_config(data_config) -> DatasetInfo:
     for field in ("num_workers", "prefetch_batches"):
         if data_config[field] < 0:
             raise ValueError(f"{field} must be >= 0 (0: automatic), got {data_config[field]}.")
+    check_augment_on(data_config.augment_on)
     return info
 
 
@@ -119,6 +122,10 @@ def _indexer(data_config, labels: np.ndarray, global_batch_size: int, seed: int)
 
 def _per_device(array: np.ndarray, layout: _Layout) -> np.ndarray:
     return array.reshape(layout.num_devices, layout.per_device, *array.shape[1:])
+
+
+def _per_device_tree(arrays: dict[str, np.ndarray], layout: _Layout) -> dict[str, np.ndarray]:
+    return {key: _per_device(array, layout) for key, array in arrays.items()}
 
 
 def _ordered_parallel_map(
@@ -162,9 +169,12 @@ def train_iterator(
     """Endless stream of augmented pairs for this host, from step `start_step` on.
 
     Yields {"view1": float32 (D, b, crop, crop, C), "view2": same, "label": int32 (D, b)} with
-    D local devices and b = global_batch_size // (process_count * D). Batch n depends only on
-    (seed, n, data_config): starting at start_step=n gives exactly the batches an uninterrupted
-    stream gives from step n on.
+    D local devices and b = global_batch_size // (process_count * D). With augment_on="device"
+    (TFDS datasets) it yields {"image": uint8 (D, b, H, W, C), "view1_params": {name: (D, b,
+    ...)}, "view2_params": ..., "label"} instead, which `data.device_augmentation(data_config)`
+    turns into the views inside the train step (see hscl_jax.data.device_augment). Batch n
+    depends only on (seed, n, data_config): starting at start_step=n gives exactly the batches
+    an uninterrupted stream gives from step n on.
     """
     info = _check_data_config(data_config)
     seed = _check_seed(seed, start_step)
@@ -192,15 +202,12 @@ def _synthetic_train(images, labels, indexer, layout: _Layout, start_step: int):
         }
 
 
-def _tfds_train(images, labels, indexer, layout, info, aug, data_config, seed, start_step):
+def _host_views(aug, info: DatasetInfo) -> Callable:
+    """(uint8 images, params1, params2) -> both views as numpy, in a TensorFlow graph."""
     from hscl_jax.data import augment
     from hscl_jax.data.tfds_source import import_tensorflow
 
     tf = import_tensorflow()
-
-    def view_params(step: int, view: int) -> dict[str, np.ndarray]:
-        params = augment.view_params(seed, step, view, layout.global_batch, info.image_size, aug)
-        return augment.slice_params(params, layout.host_start, layout.host_stop)
 
     @tf.function(autograph=False, reduce_retracing=True)
     def make_views(batch_images, params1, params2):
@@ -209,21 +216,45 @@ def _tfds_train(images, labels, indexer, layout, info, aug, data_config, seed, s
             augment.augment_batch(batch_images, params2, aug, info),
         )
 
+    return lambda *args: tuple(view.numpy() for view in make_views(*args))
+
+
+def _tfds_train(images, labels, indexer, layout, info, aug, data_config, seed, start_step):
+    from hscl_jax.data import augment
+
+    def view_params(step: int, view: int) -> dict[str, np.ndarray]:
+        params = augment.view_params(seed, step, view, layout.global_batch, info.image_size, aug)
+        return augment.slice_params(params, layout.host_start, layout.host_stop)
+
     def host_indices() -> Iterator[tuple[int, np.ndarray]]:
         # The sampler runs here, in step order, in the consumer's thread: it holds the epoch plan.
         for step in itertools.count(start_step):
             yield step, indexer(step)[layout.host_start : layout.host_stop]
 
-    def make_batch(step_and_indices) -> dict[str, np.ndarray]:
+    def ship_batch(step_and_indices) -> dict:
+        """augment_on="device": uint8 images and both views' parameters, for the train step."""
         step, indices = step_and_indices
-        view1, view2 = make_views(images[indices], view_params(step, 0), view_params(step, 1))
         return {
-            "view1": _per_device(view1.numpy(), layout),
-            "view2": _per_device(view2.numpy(), layout),
+            "image": _per_device(images[indices], layout),
+            "view1_params": _per_device_tree(view_params(step, 0), layout),
+            "view2_params": _per_device_tree(view_params(step, 1), layout),
             "label": _per_device(labels[indices], layout),
         }
 
-    yield from _ordered_parallel_map(make_batch, host_indices(), data_config)
+    def augment_batch(step_and_indices) -> dict[str, np.ndarray]:
+        step, indices = step_and_indices
+        view1, view2 = make_views(images[indices], view_params(step, 0), view_params(step, 1))
+        return {
+            "view1": _per_device(view1, layout),
+            "view2": _per_device(view2, layout),
+            "label": _per_device(labels[indices], layout),
+        }
+
+    if data_config.augment_on == "device":
+        yield from _ordered_parallel_map(ship_batch, host_indices(), data_config)
+    else:
+        make_views = _host_views(aug, info)
+        yield from _ordered_parallel_map(augment_batch, host_indices(), data_config)
 
 
 def eval_iterator(
@@ -233,7 +264,9 @@ def eval_iterator(
 
     `batch_size` is global (over all hosts). Yields {"image": float32 (D, b, H, W, C), "label":
     int32 (D, b), "mask": bool (D, b)}; the last batch is padded with zero images, label 0 and
-    mask False. Images keep their stored size unless `eval_image_size` is set.
+    mask False. Images keep their stored size unless `eval_image_size` is set. With
+    augment_on="device" "image" is the stored uint8 image instead, which
+    `data.device_eval_preprocess(data_config)` turns into the float32 one on the devices.
     """
     info = _check_data_config(data_config)
     layout = _layout(batch_size, num_local_devices, "batch_size")
@@ -262,7 +295,8 @@ def eval_iterator(
     return _tfds_eval(host_batches, layout, info, data_config)
 
 
-def _tfds_eval(host_batches, layout: _Layout, info: DatasetInfo, data_config):
+def _host_eval_preprocess(info: DatasetInfo, data_config) -> Callable:
+    """uint8 images -> float32 normalised eval images (numpy), in a TensorFlow graph."""
     from hscl_jax.data import augment
     from hscl_jax.data.tfds_source import import_tensorflow
 
@@ -272,10 +306,20 @@ def _tfds_eval(host_batches, layout: _Layout, info: DatasetInfo, data_config):
     def preprocess(batch_images):
         return augment.eval_preprocess(batch_images, info, data_config.eval_image_size)
 
+    return lambda batch_images: preprocess(batch_images).numpy()
+
+
+def _tfds_eval(host_batches, layout: _Layout, info: DatasetInfo, data_config):
+    if data_config.augment_on == "device":
+        # uint8 images; data.device_eval_preprocess finishes them on the device.
+        preprocess = np.asarray
+    else:
+        preprocess = _host_eval_preprocess(info, data_config)
+
     def make_batch(batch) -> dict[str, np.ndarray]:
         batch_images, batch_labels, mask = batch
         return {
-            "image": _per_device(preprocess(batch_images).numpy(), layout),
+            "image": _per_device(preprocess(batch_images), layout),
             "label": _per_device(batch_labels, layout),
             "mask": _per_device(mask, layout),
         }
