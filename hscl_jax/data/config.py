@@ -12,7 +12,9 @@ AUGMENT_ON = ("host", "device")
 # "device" on CPU too: per core, the JAX augmentation makes 2.8x (digits), 2.5x (CIFAR SimCLR) and
 # 1.4x (224 px SimCLR) the pairs/s of the TF one (`python bench/pipeline.py --augment`, 2-core
 # CPU, 08:29 UTC 2026-12-01: 112,251 vs 40,420; 6,083 vs 2,443; 54.7 vs 39.0), and on CPU the
-# augmentation shares the cores with the step either way.
+# augmentation shares the cores with the step either way. End to end, `python train.py
+# --config=configs/default.py --config.data.augment_on=X` on the shared 2-core machine (09:47 UTC,
+# back to back): device 62.1 s wall, knn_top1 0.978; host 67.8 s, 0.975.
 DEFAULT_AUGMENT_ON = "device"
 
 
