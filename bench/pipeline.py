@@ -3,6 +3,7 @@
     python bench/pipeline.py             # digits (default config) + mock CIFAR-10, this machine
     python bench/pipeline.py --cifar-step=resnet50   # also time the reference CIFAR step
     python bench/pipeline.py --memory    # peak RSS of a stream, 5,000 vs 100,000 images
+    python bench/pipeline.py --augment   # host (TF) vs device (JAX) augmentation, one core
 
 Measured, each alone on this machine (an augmented pair = one image's two views):
   - pipeline pairs/s: `hscl_jax.data.train_iterator` as the trainer uses it, for digits with the
@@ -20,11 +21,23 @@ With --memory instead: the peak RSS (VmHWM) of a 50-step SimCLR stream (batch 25
 random_images TFDS dataset (random 64x64x3 PNGs in ArrayRecord files) of 5,000 and of 100,000
 images, each in a fresh process; the last line is `rss_growth_mb: X`, the difference (the
 streaming source holds no split in memory, so X should stay well under 100 MB).
+
+--augment measures, instead, the augmentation alone, with the process pinned to one CPU core (so
+the figures are per core): pairs/s of the host path (augment.augment_batch in a tf.function, as
+the pipeline runs it, views fetched to numpy) against the device path (device_augment.augment_pair
+jitted, uint8 images + parameters put on the device, views left there), on one fixed batch of
+random uint8 images with SimCLR parameters, at digits, CIFAR and 224 px shape (256 px stored
+images cropped to 224). Here the "device" is this CPU. Then the device augmentation's cost as a
+fraction of the ResNet-50 train step on the same core (CPU seconds per pair, small batches): at
+CIFAR shape with the CIFAR stem, at 224 px with the ImageNet stem. Times are CPU seconds of this
+process, so other load on a shared machine does not count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import tempfile
 import time
@@ -182,6 +195,128 @@ def memory_benchmark(sizes, image_size: int, cache_dir: str, steps: int, batch: 
     print(f"rss_growth_mb: {peaks[-1] - peaks[0]:.1f}")
 
 
+def _augmentation_batch(info, aug, batch_size: int):
+    """Random uint8 images of the stored shape and both views' parameters (numpy)."""
+    from hscl_jax.data import augment
+
+    rng = np.random.default_rng(0)
+    shape = (batch_size, info.image_size, info.image_size, info.channels)
+    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    params = [augment.view_params(0, 0, view, batch_size, info.image_size, aug) for view in (0, 1)]
+    return images, params
+
+
+def _cpu_seconds_per_call(run, calls: int) -> float:
+    """CPU seconds this process spends per run() after one untimed call (compiles, traces).
+
+    With the process pinned to one core this is the time one core needs, unaffected by whatever
+    else the machine runs meanwhile (wall time is not, on a shared machine).
+    """
+    run()
+    start = time.process_time()
+    for _ in range(calls):
+        run()
+    return (time.process_time() - start) / calls
+
+
+def host_augment_seconds(info, aug, batch_size: int, batches: int) -> float:
+    """CPU s/batch of the host path: the pipeline's TF graph for both views, results in numpy."""
+    from hscl_jax.data import augment
+    from hscl_jax.data.tfds_source import import_tensorflow
+
+    tf = import_tensorflow()
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def make_views(images, params1, params2):
+        return (
+            augment.augment_batch(images, params1, aug, info),
+            augment.augment_batch(images, params2, aug, info),
+        )
+
+    images, (params1, params2) = _augmentation_batch(info, aug, batch_size)
+    return _cpu_seconds_per_call(
+        lambda: [view.numpy() for view in make_views(images, params1, params2)], batches
+    )
+
+
+def device_augment_seconds(info, aug, batch_size: int, batches: int) -> float:
+    """CPU s/batch of the device path: uint8 images + parameters onto the device, views there."""
+    from hscl_jax.data import device_augment
+
+    images, (params1, params2) = _augmentation_batch(info, aug, batch_size)
+    shipped = {"image": images, "view1_params": params1, "view2_params": params2, "label": 0}
+    augment_pair = jax.jit(functools.partial(device_augment.augment_pair, aug=aug, info=info))
+    return _cpu_seconds_per_call(
+        lambda: jax.block_until_ready(augment_pair(jax.device_put(shipped))), batches
+    )
+
+
+def step_seconds(model_name: str, stem: str, side: int, batch_size: int, steps: int) -> float:
+    """CPU s/step of the trainer's pmapped train step (CIFAR-10 config, `model_name` with `stem`)
+    on side x side inputs (a ResNet's parameters do not depend on the input size)."""
+    config = config_lib.base_config("cifar10")
+    config.num_steps = 1000  # the schedule's length; nothing reads the dataset for it
+    config.model.name = model_name
+    config.model.stem = stem
+    rng = np.random.default_rng(0)
+    batch = {
+        "view1": rng.normal(size=(1, batch_size, side, side, 3)).astype(np.float32),
+        "view2": rng.normal(size=(1, batch_size, side, side, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, size=(1, batch_size)).astype(np.int32),
+    }
+    batch = jax.device_put(batch, jax.local_devices()[0])
+    train_step, state = make_step(config)
+    states = [state]  # the step donates its state: always continue with the returned one
+
+    def run():
+        states[0], metrics = train_step(states[0], batch)
+        jax.block_until_ready(metrics)
+
+    return _cpu_seconds_per_call(run, steps)
+
+
+def augmentation_benchmark(args) -> None:
+    """--augment: host vs device augmentation per core, and its share of the ResNet-50 step."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from hscl_jax.data.augment import resolve_augmentation
+
+    print(
+        f"augmentation, pinned to 1 CPU core, CPU seconds; jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind} (the 'device' here is this CPU)"
+    )
+    cifar = data.dataset_info("cifar10")
+    large = dataclasses.replace(cifar, name="224px", image_size=256, crop_size=224)
+    cases = [
+        ("digits 8x8x1, digits preset", data.dataset_info("digits"), "digits", 128, 50),
+        ("cifar 32x32x3, SimCLR", cifar, "simclr", 256, args.cifar_batches),
+        ("224 px (256 px stored), SimCLR", large, "simclr", 16, args.large_batches),
+    ]
+    device_seconds_per_pair = {}
+    for title, info, preset, batch_size, batches in cases:
+        aug = resolve_augmentation(data.augmentation_config(preset), info)
+        host = batch_size / host_augment_seconds(info, aug, batch_size, batches)
+        device = batch_size / device_augment_seconds(info, aug, batch_size, batches)
+        device_seconds_per_pair[info.name] = 1.0 / device
+        faster = "device" if device > host else "host"
+        print(
+            f"augment {title}, batch {batch_size}: host (TF) {host:8.1f} pairs/s/core, device "
+            f"(JAX) {device:8.1f} pairs/s/core; faster on CPU: {faster} "
+            f"({max(host, device) / min(host, device):.1f}x)"
+        )
+    if args.augment_step == "none":
+        return
+    for name, stem, side, batch_size in (
+        ("cifar10", "cifar", 32, 8),
+        ("224px", "imagenet", 224, 2),
+    ):
+        seconds = step_seconds(args.augment_step, stem, side, batch_size, args.augment_steps)
+        share = device_seconds_per_pair[name] * batch_size / seconds
+        print(
+            f"device augmentation / {args.augment_step} train step ({stem} stem), {name}, batch "
+            f"{batch_size}, 1 CPU core ({seconds / batch_size:.3f} s/pair): {100 * share:.2f}%"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=200, help="timed digits batches")
@@ -210,7 +345,23 @@ def main():
         help="TFDS data dir where the random_images datasets are built once and reused",
     )
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="only time host vs device augmentation on one core (see the module docstring)",
+    )
+    parser.add_argument("--large-batches", type=int, default=3, help="timed 224 px batches")
+    parser.add_argument("--augment-steps", type=int, default=2, help="timed steps (--augment)")
+    parser.add_argument(
+        "--augment-step",
+        default="resnet50",
+        help="model whose step --augment compares against: resnet50 | resnet18 | none",
+    )
     args = parser.parse_args()
+    if args.augment:
+        augmentation_benchmark(args)
+        return
+
     if args.memory_child:
         stream_peak_rss(
             args.memory_child, args.image_size, args.cache_dir, args.memory_steps, args.memory_batch

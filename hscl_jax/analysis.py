@@ -137,7 +137,7 @@ def _training_batches(config, *, batch_size: int, num_batches: int) -> list[dict
     )
     batches = []
     for _ in range(num_batches):
-        batch = next(stream)
+        batch = data.stream_views(next(stream), config.data)
         batches.append({k: np.asarray(v)[0] for k, v in batch.items()})
     close = getattr(stream, "close", None)
     if close is not None:

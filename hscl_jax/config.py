@@ -319,6 +319,11 @@ def check_data(config, total_devices: int) -> None:
     except (ValueError, KeyError) as error:
         raise ConfigError(f"config.data.name={config.data.name!r}: {error}") from None
     _require(
+        config.data.augment_on in data.AUGMENT_ON,
+        f"config.data.augment_on={config.data.augment_on!r} is unknown; allowed: "
+        f"{', '.join(data.AUGMENT_ON)}",
+    )
+    _require(
         config.global_batch_size % total_devices == 0,
         f"config.global_batch_size={config.global_batch_size} is not divisible by the "
         f"{total_devices} devices (processes x local devices)",

@@ -83,10 +83,13 @@ def train_step(
     loss_kwargs: dict[str, Any],
     axis_name: str = AXIS_NAME,
     theory_kwargs: dict[str, float] | None = None,
+    prepare_batch: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on this device's share of the global batch.
 
-    ``batch``: {"view1", "view2": (b, H, W, C), "label": (b,)}. Must run inside a mapped context
+    ``batch``: {"view1", "view2": (b, H, W, C), "label": (b,)}, or what ``prepare_batch`` turns
+    into that on the device first (device augmentation: data.device_augmentation's function of
+    uint8 images and augmentation parameters). Must run inside a mapped context
     (pmap or shard_map) binding ``axis_name``; ``model`` must use ``bn_axis_name=axis_name``.
     A step whose loss or gradient is not finite leaves params, BatchNorm statistics and optimizer
     state unchanged (the step counter still advances) and reports ``finite = 0``.
@@ -95,6 +98,8 @@ def train_step(
     hscl_jax.theory.theory_metrics of the step's projections (keys theory.THEORY_KEYS; no
     effect on the update); None leaves it out of the compiled step.
     """
+    if prepare_batch is not None:
+        batch = prepare_batch(batch)
     num_images = batch["view1"].shape[0]
     # One forward pass over both views: BatchNorm sees (and syncs) the statistics of all 2b views.
     images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
@@ -150,7 +155,7 @@ def train_step(
     return new_state, metrics
 
 
-def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs):
+def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch):
     return functools.partial(
         train_step,
         model=model,
@@ -159,6 +164,7 @@ def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs):
         loss_kwargs=dict(loss_kwargs),
         axis_name=AXIS_NAME,
         theory_kwargs=None if theory_kwargs is None else dict(theory_kwargs),
+        prepare_batch=prepare_batch,
     )
 
 
@@ -183,15 +189,15 @@ def first_replica_to_host(tree):
 
 
 def make_pmap_train_step(
-    model, tx, loss_name, loss_kwargs, devices=None, *, theory_kwargs=None
+    model, tx, loss_name, loss_kwargs, devices=None, *, theory_kwargs=None, prepare_batch=None
 ) -> Callable:
     """``train_step`` under ``jax.pmap(axis_name=AXIS_NAME)``: replicated state, (D, b, ...) batch.
 
-    The state argument is donated (its buffers are reused for the new state). ``theory_kwargs``:
-    see :func:`train_step`.
+    The state argument is donated (its buffers are reused for the new state). ``theory_kwargs``
+    and ``prepare_batch``: see :func:`train_step`.
     """
     return jax.pmap(
-        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch),
         axis_name=AXIS_NAME,
         devices=devices,
         donate_argnums=(0,),
@@ -199,7 +205,7 @@ def make_pmap_train_step(
 
 
 def make_shard_map_train_step(
-    model, tx, loss_name, loss_kwargs, mesh, *, theory_kwargs=None
+    model, tx, loss_name, loss_kwargs, mesh, *, theory_kwargs=None, prepare_batch=None
 ) -> Callable:
     """The same ``train_step`` under ``jax.shard_map`` over a 1-D mesh with axis AXIS_NAME.
 
@@ -210,7 +216,7 @@ def make_shard_map_train_step(
 
     replicated, sharded = PartitionSpec(), PartitionSpec(AXIS_NAME)
     mapped = jax.shard_map(
-        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch),
         mesh=mesh,
         in_specs=(replicated, sharded),
         out_specs=(replicated, replicated),
@@ -255,7 +261,13 @@ def build_step(config, devices) -> BuiltStep:
     loss_kwargs = config_lib.loss_options(config.loss)
     theory_kwargs = config_lib.theory_monitor_options(config)
     step = make_pmap_train_step(
-        model, tx, config.loss.name, loss_kwargs, devices, theory_kwargs=theory_kwargs
+        model,
+        tx,
+        config.loss.name,
+        loss_kwargs,
+        devices,
+        theory_kwargs=theory_kwargs,
+        prepare_batch=data.device_augmentation(config.data),
     )
     return BuiltStep(
         model=model,

@@ -114,6 +114,7 @@ def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     assert rows[0]["hscl"] != rows[1]["hscl"]
     # The step-2 row is the monitor on the run's first training batch, embedded as in training.
     batch = next(data.train_iterator(config.data, global_batch_size=8, seed=0, num_local_devices=1))
+    batch = data.stream_views(batch, config.data)
     variables = checkpoints.restore_variables(workdir, 2)
     images = np.concatenate([batch["view1"][0], batch["view2"][0]])
     (_, z), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])

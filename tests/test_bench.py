@@ -43,3 +43,19 @@ def test_train_step_benchmark_prints_its_row():
     out = _run("bench/train_step.py", "--cases=small_cnn", "--steps=1", "--batch=8")
     row = r"^small_cnn\s+8" + rf"\s+{NUMBER}" * 5 + r"%\s*$"
     assert re.search(row, out, re.MULTILINE), out
+
+
+def test_pipeline_benchmark_augment_mode_prints_host_and_device_rows():
+    out = _run(
+        "bench/pipeline.py",
+        "--augment",
+        "--augment-step=none",
+        "--cifar-batches=1",
+        "--large-batches=1",
+    )
+    for shape in ("digits 8x8x1", "cifar 32x32x3", "224 px"):
+        row = (
+            rf"^augment {shape}.*: host \(TF\)\s+{NUMBER} pairs/s/core, device \(JAX\)\s+"
+            rf"{NUMBER} pairs/s/core; faster on CPU: (host|device)"
+        )
+        assert re.search(row, out, re.MULTILINE), out

@@ -27,6 +27,7 @@ def _set(config, dotted, value):
         ("model.width", 0, "model.width=0"),
         ("model.stem", "vit", "model.stem='vit' is unknown; allowed: cifar, imagenet"),
         ("data.name", "mnist", "config.data.name='mnist'"),
+        ("data.augment_on", "gpu", "data.augment_on='gpu' is unknown; allowed: host, device"),
         ("global_batch_size", 12, "global_batch_size=12 is not divisible by the 8 devices"),
         ("global_batch_size", 0, "config.global_batch_size=0 must be a positive integer"),
         ("num_devices", 9, "config.num_devices=9 must be between 1 and the 8 local devices"),

@@ -26,6 +26,7 @@ def digits_config(tmp_path_factory):
     config = data.default_data_config("digits")
     config.data_dir = str(tmp_path_factory.mktemp("tfds"))
     config.num_workers = 2
+    config.augment_on = "host"  # the host (TF) path; test_data_device_augment.py: the device one
     return config
 
 
@@ -421,6 +422,7 @@ def test_bad_augmentation_options(digits_config):
 def test_unprepared_dataset_fails_at_once_with_instructions(tmp_path, no_network):
     config = data.default_data_config("cifar10")
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     start = time.perf_counter()
     with pytest.raises(data.DatasetNotPreparedError, match=r"tfds build cifar10 --data_dir=/"):
         data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=1)
@@ -479,6 +481,7 @@ def test_paper_datasets_through_mocked_tfds(name, tmp_path):
     info = data.dataset_info(name)
     config = data.default_data_config(name)
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     with tfds.testing.mock_data(as_data_source_fn=random_sources()):
         batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2))
         evaluation = list(
@@ -502,6 +505,7 @@ def test_stl10_eval_resize(tmp_path):
     config = data.default_data_config("stl10")
     config.data_dir = str(tmp_path)
     config.eval_image_size = 32
+    config.augment_on = "host"
     with tfds.testing.mock_data(as_data_source_fn=random_sources()):
         batch = next(data.eval_iterator(config, split="train", batch_size=16, num_local_devices=1))
     chex.assert_shape(batch["image"], (1, 16, 32, 32, 3))
@@ -513,6 +517,7 @@ def test_default_mock_data_policy(tmp_path):
 
     config = data.default_data_config("cifar10")
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     with tfds.testing.mock_data(num_examples=40):
         assert data.steps_per_epoch(config, 16) == 2
         batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=1))
@@ -527,6 +532,7 @@ def test_each_process_reads_only_its_slice_of_the_global_batch(tmp_path):
 
     config = data.default_data_config("cifar10")
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     config.num_workers = 1  # one step at a time, so the reads come in step order
     config.prefetch_batches = 1
     opened = []
@@ -574,6 +580,7 @@ def test_class_balanced_labels_are_read_without_decoding_images(tmp_path):
 
     config = data.default_data_config("cifar10")
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     config.sampler = "class_balanced"
     config.samples_per_class = 2
     config.num_workers = 1  # one step at a time, so the reads come in step order
@@ -659,6 +666,7 @@ def test_digits_prepared_by_earlier_versions_still_work(tmp_path, caplog):
     )
     config = data.default_data_config("digits")
     config.data_dir = str(tmp_path / "a")
+    config.augment_on = "host"
     assert data.steps_per_epoch(config, 64) == DIGITS.num_train // 64
     # Version 1.0.0 left by earlier hscl_jax (TFRecord): kept, and 1.1.0 built next to it.
     old = tmp_path / "b" / "digits"
@@ -682,6 +690,7 @@ def test_random_png_dataset_streams_and_tfrecord_files_are_refused(tmp_path):
     random_images.prepare_random_images(48, 16, str(tmp_path / "ok"))
     config = data.default_data_config("cifar10")
     config.data_dir = str(tmp_path / "ok")
+    config.augment_on = "host"
     batch = next(
         data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2, info=info)
     )
@@ -705,6 +714,7 @@ def test_random_png_dataset_streams_and_tfrecord_files_are_refused(tmp_path):
         ),
     )
     config.data_dir = str(tmp_path / "tfrecord")
+    config.augment_on = "host"
     with pytest.raises(
         data.DatasetFormatError,
         match=r"stored as tfrecord files, but this pipeline reads ArrayRecord files .*: delete "
@@ -762,6 +772,7 @@ def test_images_of_varying_size_arrive_resized_and_centre_cropped(tmp_path):
     random_images.prepare_random_images(48, 16, str(tmp_path), variable_size=True)
     config = data.default_data_config("cifar10")
     config.data_dir = str(tmp_path)
+    config.augment_on = "host"
     batch = next(
         data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2, info=info)
     )

@@ -113,3 +113,40 @@ def test_stack_first_replicas_to_host_stacks_steps_in_order():
     assert isinstance(stacked["loss"], np.ndarray)
     np.testing.assert_array_equal(stacked["loss"], [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(stacked["aux"]["n"], [0.0, 10.0, 20.0])
+
+
+def test_device_augmentation_step_on_8_devices_equals_one_device(tiny_digits_config):
+    """augment_on="device": the step augments the shipped uint8 batch itself; spread over 8
+    devices it makes the update of 1 device, and its loss is the host-augmented step's."""
+    from hscl_jax import data
+
+    def first_step(augment_on, num_devices):
+        config = tiny_digits_config(num_steps=3)
+        config.data.augment_on = augment_on
+        config.data.augmentation.update({"flip": True, "blur": True, "color_jitter": True})
+        config.data.augmentation.update({"saturation": 0.0, "hue": 0.0})
+        devices = jax.local_devices()[:num_devices]
+        built = step_lib.build_step(config, devices)
+        batch = next(
+            data.train_iterator(
+                config.data, global_batch_size=16, seed=0, num_local_devices=num_devices
+            )
+        )
+        assert ("image" in batch) == (augment_on == "device")
+        state = step_lib.replicate(built.init_state(), devices)
+        initial = step_lib.first_replica_to_host(state)
+        state, metrics = built.train_step(state, batch)
+        return initial, jax.device_get(state), jax.device_get(metrics)
+
+    initial, one_state, one_metrics = first_step("device", 1)
+    _, eight_state, eight_metrics = first_step("device", 8)
+    one = jax.tree.map(lambda x: x[0], one_state)
+    update = jax.tree.map(lambda new, old: new - old, one.params, initial.params)
+    assert max(float(np.abs(u).max()) for u in jax.tree.leaves(update)) > 1e-4
+    for device in range(8):
+        eight = jax.tree.map(lambda x, d=device: x[d], eight_state)
+        chex.assert_trees_all_close(eight.params, one.params, atol=2e-6, rtol=1e-5)
+        chex.assert_trees_all_close(eight.batch_stats, one.batch_stats, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"][0], rtol=1e-5)
+    _, _, host_metrics = first_step("host", 1)
+    np.testing.assert_allclose(host_metrics["loss"], one_metrics["loss"], rtol=1e-5)

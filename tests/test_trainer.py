@@ -62,8 +62,11 @@ def _nan_at_batch(bad_index, monkeypatch):
 
     def poisoned(*args, start_step=0, **kwargs):
         for index, batch in enumerate(real_iterator(*args, start_step=start_step, **kwargs)):
-            if start_step + index == bad_index:
+            if start_step + index == bad_index and "view1" in batch:
                 batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
+            elif start_step + index == bad_index:  # augment_on="device": NaN crop boxes
+                boxes = np.full_like(batch["view1_params"]["boxes"], np.nan)
+                batch = dict(batch, view1_params=dict(batch["view1_params"], boxes=boxes))
             yield batch
 
     monkeypatch.setattr(data, "train_iterator", poisoned)
@@ -210,6 +213,7 @@ def test_theory_monitor_logs_the_four_losses_per_step_and_per_epoch(
     first = step_records[0]
     state, batch = seen["state"], seen["batch"]
     model = models.model_from_config(config.model)
+    batch = data.stream_views(batch, config.data)
     images = np.concatenate([batch["view1"][0], batch["view2"][0]])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     project = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0][1])
@@ -359,8 +363,9 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def _train(tmp_path, workdir, *, kill_at=None):
+def _train(tmp_path, workdir, *, kill_at=None, augment_on="device"):
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
+    command.append(f"--config.data.augment_on={augment_on}")
     env = _subprocess_env(tmp_path, num_devices=2)
     if kill_at is not None:
         command[1:2] = ["-c", _KILLING_RUNNER]
@@ -371,13 +376,14 @@ def _train(tmp_path, workdir, *, kill_at=None):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("augment_on", ["host", "device"])
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, augment_on):
     reference_dir = str(tmp_path / "uninterrupted")
     killed_dir = str(tmp_path / "killed")
-    result = _train(tmp_path, reference_dir)
+    result = _train(tmp_path, reference_dir, augment_on=augment_on)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result = _train(tmp_path, killed_dir, kill_at=6)
+    result = _train(tmp_path, killed_dir, kill_at=6, augment_on=augment_on)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoints = os.path.join(killed_dir, "checkpoints")
     # Orbax writes "<step>.orbax-checkpoint-tmp" and renames it to "<step>" once complete; the kill
@@ -389,7 +395,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
     shutil.copytree(os.path.join(checkpoints, "4"), partial)
     shutil.rmtree(os.path.join(partial, "state"))
 
-    result = _train(tmp_path, killed_dir)
+    result = _train(tmp_path, killed_dir, augment_on=augment_on)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from checkpoint at step {4 if unfinished else 6}" in result.stderr
     # Steps logged by the killed run after its last complete checkpoint are logged once, again.

@@ -5,7 +5,18 @@ samplers, and a TensorFlow-free synthetic source.
 Importing this package does not import TensorFlow; only reading a TFDS dataset does.
 """
 
-from hscl_jax.data.config import AUGMENTATION_PRESETS, augmentation_config, default_data_config
+from hscl_jax.data.config import (
+    AUGMENT_ON,
+    AUGMENTATION_PRESETS,
+    augmentation_config,
+    check_augment_on,
+    default_data_config,
+)
+from hscl_jax.data.device_augment import (
+    device_augmentation,
+    device_eval_preprocess,
+    stream_views,
+)
 from hscl_jax.data.info import DATASET_NAMES, DatasetInfo, dataset_info
 from hscl_jax.data.pipeline import (
     eval_iterator,
@@ -17,6 +28,7 @@ from hscl_jax.data.samplers import SAMPLERS
 from hscl_jax.data.tfds_source import DatasetFormatError, DatasetNotPreparedError, clear_cache
 
 __all__ = [
+    "AUGMENT_ON",
     "AUGMENTATION_PRESETS",
     "DATASET_NAMES",
     "SAMPLERS",
@@ -24,11 +36,15 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotPreparedError",
     "augmentation_config",
+    "check_augment_on",
     "clear_cache",
     "dataset_info",
     "default_data_config",
+    "device_augmentation",
+    "device_eval_preprocess",
     "eval_iterator",
     "prefetch_to_device",
     "steps_per_epoch",
+    "stream_views",
     "train_iterator",
 ]

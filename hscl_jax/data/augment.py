@@ -1,10 +1,11 @@
 """SimCLR-style augmentation, vectorised over a batch.
 
 The random parameters of every example (crop box, flip, jitter factors and order, grayscale, blur
-kernel) are drawn in numpy from a generator seeded by (seed, step, view) for the whole global batch;
-the image ops then run in TensorFlow as a pure function of (images, parameters). So an augmented
-batch depends only on (seed, step, view, example position), which makes the stream restartable, and
-the TF side needs no random state at all.
+kernel) are drawn in numpy from a generator seeded by (seed, step, view) for the whole global batch
+(`view_params`); the image ops then run as a pure function of (images, parameters), either here in
+TensorFlow on the host (`augment_batch`) or in JAX on the accelerator (`device_augment`), which
+shares these parameters, op ids and constants. So an augmented batch depends only on (seed, step,
+view, example position), which makes the stream restartable, and the image ops need no random state.
 
 numpy-only at import time; TensorFlow is imported inside the functions that build TF ops.
 """
@@ -17,12 +18,14 @@ import math
 import numpy as np
 
 from hscl_jax.data.info import DatasetInfo
+from hscl_jax.data.samplers import AUGMENT_STREAM
 
 # torchvision's RandomResizedCrop tries this many (area, ratio) draws before a centre crop.
 _CROP_ATTEMPTS = 10
 # Colour-jitter op ids; SKIP marks "no op at this position" (jitter off for the image, or op off).
 BRIGHTNESS, CONTRAST, SATURATION, HUE, SKIP = range(5)
-_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+# torchvision's luma weights (ITU-R 601-2), for grayscale, contrast and saturation.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +220,18 @@ def sample_params(
     }
 
 
+def view_params(
+    seed: int, step: int, view: int, batch_size: int, image_size: int, aug: Augmentation
+) -> dict[str, np.ndarray]:
+    """`sample_params` of view `view` (0 or 1) of global batch `step`, seeded by (seed, step, view).
+
+    The one place the augmentation randomness is seeded: the host and the device paths both take
+    their parameters from here, so a given (seed, step, view, position) gets the same view on both.
+    """
+    rng = np.random.default_rng([seed, AUGMENT_STREAM, step, view])
+    return sample_params(rng, batch_size, image_size, aug)
+
+
 def slice_params(params: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
     """Rows [start, stop) of every parameter (this host's share of the global batch)."""
     return {key: value[start:stop] for key, value in params.items()}
@@ -275,7 +290,7 @@ def _gray(planes):
     if planes.shape[0] == 1:
         return planes[0]
     red, green, blue = planes[0], planes[1], planes[2]
-    return _GRAY_WEIGHTS[0] * red + _GRAY_WEIGHTS[1] * green + _GRAY_WEIGHTS[2] * blue
+    return GRAY_WEIGHTS[0] * red + GRAY_WEIGHTS[1] * green + GRAY_WEIGHTS[2] * blue
 
 
 def _mod6(values):
@@ -344,7 +359,7 @@ def _color_jitter(planes, factors, order, aug: Augmentation):
     return planes
 
 
-def _reflect_shift_matrices(size: int, kernel_size: int) -> np.ndarray:
+def reflect_shift_matrices(size: int, kernel_size: int) -> np.ndarray:
     """(k, size, size): tap t reads pixel i + t - k//2, mirrored at the borders."""
     half = kernel_size // 2
     matrices = np.zeros((kernel_size, size, size), np.float32)
@@ -361,7 +376,7 @@ def _blur(planes, kernels):
     import tensorflow as tf
 
     size = planes.shape[2]
-    shifts = tf.constant(_reflect_shift_matrices(size, kernels.shape[1]))
+    shifts = tf.constant(reflect_shift_matrices(size, kernels.shape[1]))
     blur = tf.einsum("bk,kij->bij", kernels, shifts)[None]
     return tf.matmul(tf.matmul(blur, planes), blur, transpose_b=True)
 

@@ -8,12 +8,14 @@ hscl_jax.data.tfds_source), so no split is ever held in memory and the processes
 exactly what one process would. Decoding runs in the augmentation threads or, with
 `decode_workers`, in Grain worker processes.
 
-The augmentation is a TensorFlow graph (tf.function) run by a small pool of Python threads, each
-on whole batches, with results consumed in step order (TF releases the GIL, so the threads run in
-parallel). This replaces tf.data.Dataset.from_generator, whose PyFunc source hung or logged
-errors at interpreter exit with batches in flight, and after which every TF op in the process ran
-~2.5x slower (measured here with TF 2.21). TensorFlow is imported only when a TFDS dataset is
-augmented; the synthetic source is numpy.
+With augment_on="host" the augmentation is a TensorFlow graph (tf.function) run by a small pool of
+Python threads, each on whole batches, with results consumed in step order (TF releases the GIL, so
+the threads run in parallel). This replaces tf.data.Dataset.from_generator, whose PyFunc source
+hung or logged errors at interpreter exit with batches in flight, and after which every TF op in
+the process ran ~2.5x slower (measured here with TF 2.21). With augment_on="device" the same
+threads only read, decode and index the uint8 images and draw the parameters; the augmentation
+runs in the train step (hscl_jax.data.device_augment). TensorFlow is imported only when a TFDS
+dataset is augmented on the host; the synthetic source is numpy.
 
 Exact resumption also assumes the same numpy version: the plans and augmentation parameters come
 from numpy Generators seeded through SeedSequence, whose streams numpy keeps stable in practice
@@ -35,6 +37,7 @@ import jax
 import numpy as np
 
 from hscl_jax.data import grain_source, samplers
+from hscl_jax.data.config import check_augment_on
 from hscl_jax.data.info import DatasetInfo, dataset_info
 
 
@@ -99,6 +102,7 @@ def _check_data_config(data_config, info: DatasetInfo | None = None) -> DatasetI
                 f"{field} must be >= 0 (0: the default, see default_data_config), got "
                 f"{data_config[field]}."
             )
+    check_augment_on(data_config.augment_on)
     return info
 
 
@@ -137,6 +141,10 @@ def _open_tfds(info: DatasetInfo, data_config, split: str):
 
 def _per_device(array: np.ndarray, layout: _Layout) -> np.ndarray:
     return array.reshape(layout.num_devices, layout.per_device, *array.shape[1:])
+
+
+def _per_device_tree(arrays: dict[str, np.ndarray], layout: _Layout) -> dict[str, np.ndarray]:
+    return {key: _per_device(array, layout) for key, array in arrays.items()}
 
 
 def _ordered_parallel_map(
@@ -196,11 +204,14 @@ def train_iterator(
     """Endless stream of augmented pairs for this process, from step `start_step` on.
 
     Yields {"view1": float32 (D, b, crop, crop, C), "view2": same, "label": int32 (D, b)} with
-    D local devices and b = global_batch_size // (process_count * D). Batch n depends only on
-    (seed, n, data_config): starting at start_step=n gives exactly the batches an uninterrupted
-    stream gives from step n on. process_index / process_count default to jax's; this process
-    reads only the examples of its slice of each global batch. `info` describes a TFDS dataset
-    outside DATASET_NAMES (default: dataset_info(data_config.name)).
+    D local devices and b = global_batch_size // (process_count * D). With augment_on="device"
+    (TFDS datasets) it yields {"image": uint8 (D, b, H, W, C), "view1_params": {name: (D, b,
+    ...)}, "view2_params": ..., "label"} instead, which `data.device_augmentation(data_config)`
+    turns into the views inside the train step (see hscl_jax.data.device_augment). Batch n
+    depends only on (seed, n, data_config): starting at start_step=n gives exactly the batches
+    an uninterrupted stream gives from step n on. process_index / process_count default to
+    jax's; this process reads only the examples of its slice of each global batch. `info`
+    describes a TFDS dataset outside DATASET_NAMES (default: dataset_info(data_config.name)).
 
     Bad config values and unreadable data raise here, before the first batch is asked for.
     """
@@ -243,16 +254,12 @@ def _synthetic_train(images, labels, indexer, layout: _Layout, start_step: int):
         }
 
 
-def _tfds_train(reader, layout, info, aug, data_config, seed, start_step):
+def _host_views(aug, info: DatasetInfo) -> Callable:
+    """(uint8 images, params1, params2) -> both views as numpy, in a TensorFlow graph."""
     from hscl_jax.data import augment
     from hscl_jax.data.tfds_source import import_tensorflow
 
     tf = import_tensorflow()
-
-    def view_params(step: int, view: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([seed, samplers.AUGMENT_STREAM, step, view])
-        params = augment.sample_params(rng, layout.global_batch, info.image_size, aug)
-        return augment.slice_params(params, layout.host_start, layout.host_stop)
 
     @tf.function(autograph=False, reduce_retracing=True)
     def make_views(batch_images, params1, params2):
@@ -261,13 +268,34 @@ def _tfds_train(reader, layout, info, aug, data_config, seed, start_step):
             augment.augment_batch(batch_images, params2, aug, info),
         )
 
-    def make_batch(step_and_loader) -> dict[str, np.ndarray]:
+    return lambda *args: tuple(view.numpy() for view in make_views(*args))
+
+
+def _tfds_train(reader, layout, info, aug, data_config, seed, start_step):
+    from hscl_jax.data import augment
+
+    def view_params(step: int, view: int) -> dict[str, np.ndarray]:
+        params = augment.view_params(seed, step, view, layout.global_batch, info.image_size, aug)
+        return augment.slice_params(params, layout.host_start, layout.host_stop)
+
+    def ship_batch(step_and_loader) -> dict:
+        """augment_on="device": uint8 images and both views' parameters, for the train step."""
+        step, load = step_and_loader
+        host = load()
+        return {
+            "image": _per_device(host["image"], layout),
+            "view1_params": _per_device_tree(view_params(step, 0), layout),
+            "view2_params": _per_device_tree(view_params(step, 1), layout),
+            "label": _per_device(host["label"], layout),
+        }
+
+    def augment_batch(step_and_loader) -> dict[str, np.ndarray]:
         step, load = step_and_loader
         host = load()
         view1, view2 = make_views(host["image"], view_params(step, 0), view_params(step, 1))
         return {
-            "view1": _per_device(view1.numpy(), layout),
-            "view2": _per_device(view2.numpy(), layout),
+            "view1": _per_device(view1, layout),
+            "view2": _per_device(view2, layout),
             "label": _per_device(host["label"], layout),
         }
 
@@ -275,7 +303,11 @@ def _tfds_train(reader, layout, info, aug, data_config, seed, start_step):
     loaders = grain_source.batch_loaders(
         reader, start=start_step, stop=None, decode_workers=data_config.decode_workers
     )
-    yield from _ordered_parallel_map(make_batch, loaders, data_config)
+    if data_config.augment_on == "device":
+        yield from _ordered_parallel_map(ship_batch, loaders, data_config)
+    else:
+        make_views = _host_views(aug, info)
+        yield from _ordered_parallel_map(augment_batch, loaders, data_config)
 
 
 def eval_iterator(
@@ -294,6 +326,8 @@ def eval_iterator(
     {"image": float32 (D, b, H, W, C), "label": int32 (D, b), "mask": bool (D, b)}; the last
     batch is padded with zero images, label 0 and mask False. Images keep their stored size
     unless `eval_image_size` is set. Arguments after `num_local_devices` as in train_iterator.
+    With augment_on="device" "image" is the stored uint8 image instead, which
+    `data.device_eval_preprocess(data_config)` turns into the float32 one on the devices.
     """
     info = _check_data_config(data_config, info)
     layout = _layout(batch_size, num_local_devices, "batch_size", process_index, process_count)
@@ -324,7 +358,8 @@ def _synthetic_eval(images: np.ndarray, labels: np.ndarray, layout: _Layout):
         }
 
 
-def _tfds_eval(reader, num_batches: int, layout: _Layout, info: DatasetInfo, data_config):
+def _host_eval_preprocess(info: DatasetInfo, data_config) -> Callable:
+    """uint8 images -> float32 normalised eval images (numpy), in a TensorFlow graph."""
     from hscl_jax.data import augment
     from hscl_jax.data.tfds_source import import_tensorflow
 
@@ -334,11 +369,21 @@ def _tfds_eval(reader, num_batches: int, layout: _Layout, info: DatasetInfo, dat
     def preprocess(batch_images):
         return augment.eval_preprocess(batch_images, info, data_config.eval_image_size)
 
+    return lambda batch_images: preprocess(batch_images).numpy()
+
+
+def _tfds_eval(reader, num_batches: int, layout: _Layout, info: DatasetInfo, data_config):
+    if data_config.augment_on == "device":
+        # uint8 images; data.device_eval_preprocess finishes them on the device.
+        preprocess = np.asarray
+    else:
+        preprocess = _host_eval_preprocess(info, data_config)
+
     def make_batch(batch_and_loader) -> dict[str, np.ndarray]:
         _, load = batch_and_loader
         host = load()
         return {
-            "image": _per_device(preprocess(host["image"]).numpy(), layout),
+            "image": _per_device(preprocess(host["image"]), layout),
             "label": _per_device(host["label"], layout),
             "mask": _per_device(host["mask"], layout),
         }
