@@ -88,3 +88,20 @@ def maybe_initialize(config) -> None:
 
     if wanted(config) and not jax.distributed.is_initialized():
         jax.distributed.initialize(**initialize_arguments(os.environ))
+
+
+def mapped_devices(num_local_devices: int) -> list:
+    """The devices a pmap over every process must name: the first ``num_local_devices`` local
+    devices of every process, in ``jax.devices()`` order.
+
+    (``jax.pmap(devices=jax.local_devices())`` in a multi-process run maps over this process's
+    devices alone: its collectives never leave the process, and each process trains a model of
+    its own.)
+    """
+    import jax
+
+    return [
+        device
+        for device in jax.devices()
+        if device in jax.local_devices(device.process_index)[:num_local_devices]
+    ]

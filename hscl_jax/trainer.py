@@ -35,7 +35,7 @@ from absl import logging
 from jax import lax
 from ml_collections import config_dict
 
-from hscl_jax import analysis, evaluate, losses, models
+from hscl_jax import analysis, distributed, evaluate, losses, models
 
 AXIS_NAME = "batch"
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "lars")
@@ -897,10 +897,8 @@ def _resume_mismatches(saved_config: dict, config_dict: dict) -> list[str]:
 
 
 def maybe_initialize_distributed(config) -> None:
-    """jax.distributed.initialize() when config.distributed or HSCL_DISTRIBUTED=1 asks for it."""
-    wanted = bool(config.get("distributed")) or os.environ.get("HSCL_DISTRIBUTED") == "1"
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """hscl_jax.distributed.maybe_initialize: joins a multi-process run when one is asked for."""
+    distributed.maybe_initialize(config)
 
 
 def _config_errors_from(data_function: Callable, *args, **kwargs):
@@ -930,6 +928,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_chief = jax.process_index() == 0
     num_local_devices = num_devices_for(config)
     devices = jax.local_devices()[:num_local_devices]
+    mapped_devices = distributed.mapped_devices(num_local_devices)
     info = data.dataset_info(config.data.name)
     total_steps = _config_errors_from(total_steps_for, config)
     loss_kwargs = loss_options(config.loss)
@@ -992,7 +991,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         logging.info("Resumed from checkpoint at step %d", start_step)
     state = TrainState(**host_state)
-    replicated_state = replicate(state, devices)
+    replicated_state = replicate(state, mapped_devices)
 
     logging.info(
         "Training %s on %s with loss %s %s: %d steps, global batch %d over %d process(es) x %d "
@@ -1009,13 +1008,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     writer = MetricWriter(workdir, enabled=is_chief, resumed_at=latest)
     p_train_step = make_pmap_train_step(
-        model, tx, config.loss.name, loss_kwargs, devices, theory_kwargs=theory_kwargs
+        model, tx, config.loss.name, loss_kwargs, mapped_devices, theory_kwargs=theory_kwargs
     )
     step_metric_keys = ("loss", "grad_norm", *_AUX_KEYS)
     if theory_kwargs is not None:
         step_metric_keys += analysis.THEORY_KEYS
         logging.info("Theory monitor on: %s", theory_kwargs)
-    feature_fn = make_feature_fn(model, devices)
+    feature_fn = make_feature_fn(model, mapped_devices)
 
     def run_knn(step: int) -> dict[str, float]:
         eval_start = time.time()

@@ -196,7 +196,8 @@ def _psum_job(tmp_path, *, calls: int, victim: int = -1, die_at: int = 20) -> st
         from hscl_jax import distributed
         distributed.maybe_initialize(ConfigDict({{"distributed": False}}))
         process = jax.process_index()
-        total = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
+        devices = distributed.mapped_devices(jax.local_device_count())
+        total = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i", devices=devices)
         value = jnp.full((jax.local_device_count(),), process + 1.0)
         print("devices", jax.process_count(), jax.local_device_count(), jax.device_count())
         for call in range({calls}):
@@ -217,7 +218,8 @@ def test_two_processes_sum_across_all_their_devices(tmp_path):
     assert status == 0, output
     for process_id in range(2):
         assert f"[{process_id}] devices 2 2 4" in output
-        # Two devices holding 1 (process 0) and two holding 2 (process 1).
+        # Two devices holding 1 (process 0) and two holding 2 (process 1): the sum crossed
+        # processes (pmap over this process's devices alone would give 2 or 4).
         assert f"[{process_id}] sum 6.0" in output
 
 
@@ -245,3 +247,10 @@ def test_a_process_dying_alone_stops_the_other_within_the_heartbeat_timeout(tmp_
     delay = float(summary[0].split(", ")[-1].split(" s after")[0])
     assert delay < heartbeat + 5, output
     assert "another task died" in output  # JAX's own reason, in the survivor's output
+
+
+def test_mapped_devices_of_one_process_are_its_first_local_devices():
+    import jax
+
+    assert distributed.mapped_devices(3) == jax.local_devices()[:3]
+    assert distributed.mapped_devices(jax.local_device_count()) == jax.devices()

@@ -6,8 +6,12 @@ Importing this module imports tensorflow_datasets and registers the builder, so 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow_datasets as tfds
+
+from hscl_jax import locks
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -79,10 +83,16 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 def prepare_digits(data_dir: str | None) -> Digits:
     """Returns the digits builder for `data_dir`, building the dataset there first if needed."""
     builder = Digits(data_dir=data_dir)
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                compute_stats=tfds.download.ComputeStatsMode.SKIP
+    if builder.is_prepared():
+        return builder
+    # Processes of one multi-process run (or test workers) sharing a data_dir would otherwise
+    # build it at the same time, and all but the first fail renaming their copy into place.
+    with locks.exclusive(os.path.join(os.path.dirname(builder.data_dir), "prepare.lock")):
+        builder = Digits(data_dir=data_dir)
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    compute_stats=tfds.download.ComputeStatsMode.SKIP
+                )
             )
-        )
     return builder

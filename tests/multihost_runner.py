@@ -1,0 +1,89 @@
+"""Runs train.py (arguments as train.py's) and records what this process read and wrote.
+
+Used by tests/test_multihost.py, once per process (through python -m hscl_jax.launch) or alone.
+At the end it writes ``$HSCL_TEST_RECORDS/process_<id>.json``:
+
+- ``reads``: for each ``"<stream>:<split>"`` (stream: train_iterator or eval_iterator), the
+  example indices of every read of that split's images (each ``images[indices]`` it does);
+- ``writes``: paths this process opened for writing (Python-level opens), and ``pid``.
+
+``HSCL_TEST_KILL_AT_STEP=n``: SIGKILL this process right after it started saving step n.
+"""
+
+import atexit
+import json
+import os
+import runpy
+import signal
+import sys
+
+import numpy as np
+
+from hscl_jax import trainer
+from hscl_jax.data import pipeline
+
+_records_dir = os.environ["HSCL_TEST_RECORDS"]
+_reads: dict[str, list[list[int]]] = {}
+_writes: list[str] = []
+
+
+class _RecordingImages(np.ndarray):
+    """A split's images that note the indices of every fancy-indexed read."""
+
+    def __getitem__(self, key):
+        if isinstance(key, np.ndarray) and key.ndim == 1 and self.stream is not None:
+            _reads.setdefault(self.stream, []).append(key.tolist())
+        result = super().__getitem__(key)
+        return result.view(np.ndarray) if isinstance(result, np.ndarray) else result
+
+    def __array_finalize__(self, obj):
+        self.stream = getattr(obj, "stream", None)
+
+
+_split_arrays = pipeline._split_arrays
+
+
+def _recording_split_arrays(info, data_config, split):
+    images, labels = _split_arrays(info, data_config, split)
+    recording = images.view(_RecordingImages)
+    recording.stream = f"{sys._getframe(1).f_code.co_name}:{split}"
+    return recording, labels
+
+
+pipeline._split_arrays = _recording_split_arrays
+
+
+def _audit(event, args):
+    if event == "open" and isinstance(args[0], str) and args[1] is not None:
+        if any(flag in args[1] for flag in "wax+"):
+            _writes.append(os.path.abspath(args[0]))
+
+
+sys.addaudithook(_audit)
+
+if "HSCL_TEST_KILL_AT_STEP" in os.environ:
+    _kill_at = int(os.environ["HSCL_TEST_KILL_AT_STEP"])
+    _save = trainer._save_checkpoint
+
+    def _save_then_die(manager, step, host_state, meta):
+        _save(manager, step, host_state, meta)
+        if step == _kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer._save_checkpoint = _save_then_die
+
+
+def _dump_records():
+    import jax
+
+    process = jax.process_index() if jax.distributed.is_initialized() else 0
+    os.makedirs(_records_dir, exist_ok=True)
+    with open(os.path.join(_records_dir, f"process_{process}.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "reads": _reads, "writes": _writes}, f)
+
+
+# Registered after JAX's exit handler (jax is imported above): runs before it shuts down the
+# distributed client, so the process index is still known.
+atexit.register(_dump_records)
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
