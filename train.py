@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hscl_jax import config as config_lib
 from hscl_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,7 +34,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_quiet_orbax_info)
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (trainer.ConfigError, FloatingPointError, FileNotFoundError) as error:
+    except (config_lib.ConfigError, FloatingPointError, FileNotFoundError) as error:
         # Bad config, non-finite training, dataset not prepared: the message says it all.
         sys.exit(f"error: {error}")
 

@@ -8,7 +8,7 @@ Measured, each alone on this machine (an augmented pair = one image's two views)
     default config (configs/default.py: digits preset, its global batch) and for CIFAR-10-shaped
     mock data (tfds.testing.mock_data serving random 32x32x3 uint8 images; full SimCLR recipe,
     batch 256; nothing is downloaded);
-  - step pairs/s: the trainer's pmapped train step (hscl_jax.trainer) on one device for the
+  - step pairs/s: the trainer's pmapped train step (hscl_jax.step.build_step) on one device for the
     matching model (digits: the default config's small CNN; CIFAR-10, with --cifar-step: the
     named ResNet at a small CPU batch), on a fixed batch (no input pipeline);
   - end to end (digits): steps fed by the pipeline through prefetch_to_device, both sharing the
@@ -19,7 +19,6 @@ The last line is `ratio pipeline/step: X` for the default digits config (target:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import tempfile
 import time
@@ -27,7 +26,9 @@ import time
 import jax
 import numpy as np
 
+from hscl_jax import config as config_lib
 from hscl_jax import data
+from hscl_jax import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_CIFAR_EXAMPLES = 8192
@@ -35,12 +36,7 @@ MOCK_CIFAR_EXAMPLES = 8192
 
 def default_config():
     """configs/default.py's config (the default digits run)."""
-    spec = importlib.util.spec_from_file_location(
-        "default_config", os.path.join(REPO, "configs", "default.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.config_from_file(os.path.join(REPO, "configs", "default.py"))
 
 
 def pipeline_pairs_per_second(data_config, batch_size: int, batches: int) -> float:
@@ -70,18 +66,11 @@ def _random_cifar_split(self, split, decoders=None, read_config=None, shuffle_fi
     )
 
 
-def make_step(model_config, loss_config, optim_config, input_shape):
-    """The trainer's pmapped step on one device, its state, and where it runs."""
-    from hscl_jax import models, trainer
-
+def make_step(config):
+    """The trainer's pmapped step for ``config`` on one device, and its replicated state."""
     devices = jax.local_devices()[:1]
-    model = models.model_from_config(model_config, bn_axis_name=trainer.AXIS_NAME)
-    tx, _ = trainer.create_optimizer(optim_config, total_steps=1000)
-    state = trainer.create_train_state(jax.random.key(0), model, tx, input_shape)
-    step = trainer.make_pmap_train_step(
-        model, tx, loss_config.name, trainer.loss_options(loss_config), devices
-    )
-    return step, trainer.replicate(state, devices)
+    built = step_lib.build_step(config, devices)
+    return built.train_step, step_lib.replicate(built.init_state(), devices)
 
 
 def step_pairs_per_second(step, state, batch, steps: int):
@@ -144,9 +133,8 @@ def main():
     # --- CIFAR-10 (mocked TFDS, full SimCLR recipe).
     import tensorflow_datasets as tfds
 
-    from hscl_jax import trainer
-
-    cifar_config = trainer.base_config("cifar10")
+    cifar_config = config_lib.base_config("cifar10")
+    cifar_config.num_steps = 1000  # the schedule's length; nothing reads the dataset for it
     cifar_config.data.data_dir = tempfile.mkdtemp()
     cifar_config.data.num_workers = args.workers
     with tfds.testing.mock_data(as_dataset_fn=_random_cifar_split):
@@ -161,10 +149,8 @@ def main():
             "view2": rng.normal(size=(1, batch_size, 32, 32, 3)).astype(np.float32),
             "label": rng.integers(0, 10, size=(1, batch_size)).astype(np.int32),
         }
-        step, state = make_step(
-            cifar_config.model, cifar_config.loss, cifar_config.optim, (32, 32, 3)
-        )
-        cifar_step, compile_seconds, _ = step_pairs_per_second(step, state, batch, steps=3)
+        train_step, state = make_step(cifar_config)
+        cifar_step, compile_seconds, _ = step_pairs_per_second(train_step, state, batch, steps=3)
         print(
             f"cifar10 step: trainer's {args.cifar_step} train step, batch {batch_size}, 1 "
             f"device: {cifar_step:9.1f} pairs/s (compile {compile_seconds:.0f} s); "
@@ -181,20 +167,19 @@ def main():
         f"digits (8x8x1, preset {config.data.augmentation.preset}), batch {batch_size}: "
         f"pipeline {digits_pipeline:9.0f} pairs/s"
     )
-    info = data.dataset_info("digits")
-    step, state = make_step(
-        config.model, config.loss, config.optim, (info.crop_size, info.crop_size, info.channels)
-    )
+    train_step, state = make_step(config)
     batch = next(
         data.train_iterator(config.data, global_batch_size=batch_size, seed=0, num_local_devices=1)
     )
-    digits_step, compile_seconds, state = step_pairs_per_second(step, state, batch, args.steps)
+    digits_step, compile_seconds, state = step_pairs_per_second(
+        train_step, state, batch, args.steps
+    )
     print(
         f"digits step: trainer's {config.model.name} train step ({config.loss.name}), batch "
         f"{batch_size}, 1 device: {digits_step:9.0f} pairs/s ({1e3 * batch_size / digits_step:.1f}"
         f" ms/step, compile {compile_seconds:.0f} s)"
     )
-    fed = end_to_end_pairs_per_second(step, state, config.data, batch_size, args.steps)
+    fed = end_to_end_pairs_per_second(train_step, state, config.data, batch_size, args.steps)
     print(
         f"digits end to end (pipeline -> prefetch_to_device -> step): {fed:9.0f} pairs/s "
         f"({100 * fed / digits_step:.0f}% of the fixed-batch step)"

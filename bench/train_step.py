@@ -20,13 +20,15 @@ import time
 import jax
 import numpy as np
 
-from hscl_jax import losses, models, trainer
+from hscl_jax import config as config_lib
+from hscl_jax import losses, models
+from hscl_jax import step as step_lib
 
 CASES = {
-    # name: (model, input (H, W, C), default batch on CPU)
-    "small_cnn": ("small_cnn", (8, 8, 1), 128),
-    "resnet18": ("resnet18", (32, 32, 3), 16),
-    "resnet50": ("resnet50", (32, 32, 3), 8),
+    # name: (model, dataset giving the input shape (H, W, C), default batch on CPU)
+    "small_cnn": ("small_cnn", "digits", 128),  # 8x8x1
+    "resnet18": ("resnet18", "synthetic", 16),  # 32x32x3
+    "resnet50": ("resnet50", "synthetic", 8),
 }
 
 
@@ -56,13 +58,17 @@ def _time(fn, steps: int) -> float:
 
 
 def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, beta: float):
-    model_name, shape, _ = CASES[name]
+    model_name, dataset, _ = CASES[name]
     devices = jax.local_devices()[:1]
-    model = models.create_model(model_name, dtype=dtype, bn_axis_name=trainer.AXIS_NAME)
-    optim = trainer.base_config("synthetic").optim
-    tx, _ = trainer.create_optimizer(optim, total_steps=steps)
-    state = trainer.create_train_state(jax.random.key(0), model, tx, shape)
-    replicated = trainer.replicate(state, devices)
+    config = config_lib.base_config(dataset)
+    config.model.name = model_name
+    config.model.dtype = dtype
+    config.loss.name = loss_name
+    config.loss.beta = beta
+    config.num_steps = steps
+    built = step_lib.build_step(config, devices)
+    step, shape = built.train_step, built.input_shape
+    replicated = step_lib.replicate(built.init_state(), devices)
     rng = np.random.default_rng(0)
     batch_arrays = {
         "view1": rng.normal(size=(1, batch, *shape)).astype(np.float32),
@@ -70,8 +76,7 @@ def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, be
         "label": rng.integers(0, 10, size=(1, batch)).astype(np.int32),
     }
     batch_arrays = jax.device_put(batch_arrays, devices[0])
-    loss_kwargs = {"beta": beta} if "beta" in losses.allowed_options(loss_name) else {}
-    step = trainer.make_pmap_train_step(model, tx, loss_name, loss_kwargs, devices)
+    loss_kwargs = built.loss_options
 
     start = time.perf_counter()
     replicated, metrics = step(replicated, batch_arrays)
@@ -89,13 +94,13 @@ def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, be
     def loss_and_grad(z1, z2, labels):
         def objective(z1, z2):
             return losses.compute(
-                loss_name, z1, z2, labels, axis_name=trainer.AXIS_NAME, **loss_kwargs
+                loss_name, z1, z2, labels, axis_name=step_lib.AXIS_NAME, **loss_kwargs
             )
 
         return jax.value_and_grad(objective, argnums=(0, 1))(z1, z2)
 
-    p_loss = jax.pmap(loss_and_grad, axis_name=trainer.AXIS_NAME, devices=devices)
-    z = rng.normal(size=(2, 1, batch, model.head.output_dim)).astype(np.float32)
+    p_loss = jax.pmap(loss_and_grad, axis_name=step_lib.AXIS_NAME, devices=devices)
+    z = rng.normal(size=(2, 1, batch, built.model.head.output_dim)).astype(np.float32)
     z /= np.linalg.norm(z, axis=-1, keepdims=True)
     z1, z2 = jax.device_put((z[0], z[1]), devices[0])
     jax.block_until_ready(p_loss(z1, z2, batch_arrays["label"]))

@@ -29,11 +29,11 @@ Baselines by override:
     --config.loss.name=supcon --config.loss.temperature=0.1   # SupCon (Khosla et al.)
 """
 
-from hscl_jax import trainer
+from hscl_jax import config as config_lib
 
 
 def get_config():
-    config = trainer.base_config("cifar10")
+    config = config_lib.base_config("cifar10")
     config.eval_every_steps = 195  # one epoch: 50000 // 256 steps
     config.checkpoint_every_steps = 975  # every 5 epochs
     return config

@@ -18,11 +18,11 @@ Baselines by override, e.g. --config.loss.name=scl, --config.loss.name=ucl,
 --config.loss.name=hucl, --config.loss.beta=5.
 """
 
-from hscl_jax import trainer
+from hscl_jax import config as config_lib
 
 
 def get_config():
-    config = trainer.base_config("digits")
+    config = config_lib.base_config("digits")
     config.model.name = "small_cnn"
     config.global_batch_size = 128
     config.num_epochs = 0

@@ -14,22 +14,17 @@ T=0.5) and a linear probe (Adam 1e-3, 100 epochs, batch 512) on the frozen encod
 Results and the wall time of the committed study: docs/RESULTS.md.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _default_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("hscl_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from hscl_jax import config as config_lib
 
 
 def get_config():
-    config = _default_config()
+    config = config_lib.config_from_file(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+    )
     config.num_steps = 100
     config.log_every_steps = 50
     config.eval_every_steps = 0  # the kNN monitor runs once, at the end

@@ -12,11 +12,11 @@ Hardware: any accelerator host; on a CPU use a small override such as
 --config.model.name=resnet18 --config.model.width=16 --config.global_batch_size=32.
 """
 
-from hscl_jax import trainer
+from hscl_jax import config as config_lib
 
 
 def get_config():
-    config = trainer.base_config("synthetic")
+    config = config_lib.base_config("synthetic")
     config.num_steps = 300
     config.log_every_steps = 50
     config.checkpoint_every_steps = 300

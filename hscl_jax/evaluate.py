@@ -1,10 +1,14 @@
-"""Evaluation of learned representations: weighted kNN, linear probe, ridge probe.
+"""Evaluation of learned representations: weighted kNN, linear probe, ridge probe (on feature
+arrays only), the trainer's kNN monitor, and a finished run's evaluation.
 
     python -m hscl_jax.evaluate --workdir=DIR     # writes DIR/eval.json
 
 Weighted kNN monitor (the reference's per-epoch evaluation): every test example's class scores are
 the sum, over its k nearest training examples by cosine similarity of L2-normalised encoder
 features, of exp(similarity / temperature) credited to the neighbour's class.
+
+Layer 4: imports models, data (layer 0), checkpoints, metrics (layer 1), config, features
+(layer 2) and step (layer 3); imported by trainer.py and sweep.py.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hscl_jax import checkpoints, data, features, metrics, models
+from hscl_jax import config as config_lib
+from hscl_jax import step as step_lib
 
 
 def _check_knn_inputs(train_features, train_labels, test_features, num_classes, k, temperature):
@@ -57,11 +65,6 @@ def _knn_scores_chunk(bank, bank_labels, queries, *, num_classes, k, temperature
     return scores.at[rows, neighbour_labels].add(weights)
 
 
-def _normalize(x):
-    x = jnp.asarray(x, jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def knn_predict(
     train_features,
     train_labels,
@@ -93,7 +96,7 @@ def knn_predict(
     num_test = test_features.shape[0]
     k = min(k, train_features.shape[0])
     chunk = min(test_chunk_size, max(num_test, 1))
-    bank = _normalize(train_features)
+    bank = models.l2_normalize(train_features)
     bank_labels = jnp.asarray(train_labels, jnp.int32)
     scores = []
     for start in range(0, num_test, chunk):
@@ -104,7 +107,7 @@ def knn_predict(
         chunk_scores = _knn_scores_chunk(
             bank,
             bank_labels,
-            _normalize(queries),
+            models.l2_normalize(queries),
             num_classes=num_classes,
             k=k,
             temperature=float(temperature),
@@ -215,7 +218,7 @@ def linear_probe(
     n, dim = train_features.shape
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size  # drop the last partial batch, as the reference loader
-    x = _normalize(train_features)
+    x = models.l2_normalize(train_features)
     y = jnp.asarray(train_labels, jnp.int32)
     tx = optax.adam(learning_rate)
     params = {"w": jnp.zeros((dim, num_classes), jnp.float32), "b": jnp.zeros((num_classes,))}
@@ -243,7 +246,7 @@ def linear_probe(
         return jax.lax.scan(epoch, (params, tx.init(params)), keys)[0][0]
 
     params = train(params, jax.random.key(seed))
-    logits = _normalize(test_features) @ params["w"] + params["b"]
+    logits = models.l2_normalize(test_features) @ params["w"] + params["b"]
     top1 = np.asarray(jnp.argmax(logits, axis=1)) == test_labels
     return {"linear_top1": float(np.mean(top1))}
 
@@ -270,7 +273,7 @@ def ridge_probe(
         raise ValueError(f"l2={l2!r} must be > 0")
 
     def design(f):
-        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        f = np.asarray(models.l2_normalize(f), np.float64)
         return np.concatenate([f, np.ones((f.shape[0], 1))], axis=1)
 
     a = design(train_features)
@@ -282,6 +285,47 @@ def ridge_probe(
 
 
 # ----------------------------------------------------------------------------- a finished run
+
+
+def _train_and_test_features(config, feature_fn, replicated_variables, num_local_devices):
+    """(train features, train labels, test features, test labels) of config.data's dataset."""
+    info = data.dataset_info(config.data.name)
+    return tuple(
+        array
+        for split in (info.train_split, info.test_split)
+        for array in features.split_features(
+            feature_fn,
+            replicated_variables,
+            config.data,
+            split,
+            batch_size=config.knn.eval_batch_size,
+            num_local_devices=num_local_devices,
+        )
+    )
+
+
+def _knn_with_config(config, train_x, train_y, test_x, test_y) -> dict[str, float]:
+    return knn_accuracy(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes=data.dataset_info(config.data.name).num_classes,
+        k=config.knn.k,
+        temperature=float(config.knn.temperature),
+        test_chunk_size=config.knn.test_chunk_size,
+    )
+
+
+def knn_monitor(config, feature_fn, replicated_variables, devices) -> dict[str, float]:
+    """Weighted-kNN top-1/top-5 of the current encoder: train split as bank, test split queried
+    (``config.knn`` settings).
+
+    ``feature_fn`` comes from features.make_feature_fn over ``devices``; ``replicated_variables``
+    are the model variables replicated over them. Features of all processes are gathered.
+    """
+    arrays = _train_and_test_features(config, feature_fn, replicated_variables, len(devices))
+    return _knn_with_config(config, *arrays)
 
 
 def evaluate_workdir(
@@ -302,40 +346,17 @@ def evaluate_workdir(
     optax linear probe and the ridge probe. Writes ``workdir/eval.json`` and returns the same:
     ``knn_top1``, ``knn_top5``, ``linear_top1``, ``ridge_top1``, ``step`` and ``settings``.
     """
-    from hscl_jax import data, models, trainer
-
-    config = trainer.load_config(workdir) if config is None else config
-    steps = trainer.checkpoint_steps(workdir)
-    if not steps:
-        raise ValueError(f"no complete checkpoint in {workdir}/checkpoints to evaluate")
-    step = steps[-1] if step is None else step
-    variables = trainer.restore_variables(workdir, step)
+    config = config_lib.load_config(workdir) if config is None else config
+    step, variables = checkpoints.restore_variables_and_step(workdir, step)
     model = models.model_from_config(config.model)
     devices = jax.local_devices()[:1]
-    feature_fn = trainer.make_feature_fn(model, devices)
-    replicated = trainer.replicate(variables, devices)
+    feature_fn = features.make_feature_fn(model, devices)
+    replicated = step_lib.replicate(variables, devices)
     info = data.dataset_info(config.data.name)
-
-    def split_features(split):
-        batches = data.eval_iterator(
-            config.data, split=split, batch_size=config.knn.eval_batch_size, num_local_devices=1
-        )
-        return trainer.compute_features(feature_fn, replicated, batches)
-
-    train_x, train_y = split_features(info.train_split)
-    test_x, test_y = split_features(info.test_split)
+    train_x, train_y, test_x, test_y = _train_and_test_features(config, feature_fn, replicated, 1)
     common = dict(num_classes=info.num_classes)
     results = {
-        **knn_accuracy(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            k=config.knn.k,
-            temperature=float(config.knn.temperature),
-            test_chunk_size=config.knn.test_chunk_size,
-            **common,
-        ),
+        **_knn_with_config(config, train_x, train_y, test_x, test_y),
         **linear_probe(
             train_x,
             train_y,
@@ -363,10 +384,7 @@ def evaluate_workdir(
         "linear_optimizer": "adam",
         "ridge_l2": ridge_l2,
     }
-    path = os.path.join(workdir, "eval.json")
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(f"{path}.tmp", path)
+    metrics.write_json_atomic(os.path.join(workdir, metrics.EVAL_JSON), results)
     return results
 
 

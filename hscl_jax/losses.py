@@ -128,6 +128,16 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, hig
     return value
 
 
+def check_beta(value: Any):
+    """A concrete beta as a float (finite, >= 0); a traced value passes as is."""
+    return _check_number("beta", value, low=0.0, low_inclusive=True)
+
+
+def check_temperature(value: Any):
+    """A concrete temperature as a float (finite, > 0); a traced value passes as is."""
+    return _check_number("temperature", value, low=0.0, low_inclusive=False)
+
+
 def _check_inputs(z1, z2, labels, block_size) -> None:
     z1_shape, z2_shape = jnp.shape(z1), jnp.shape(z2)
     if len(z1_shape) != 2 or z1_shape != z2_shape:

@@ -25,6 +25,9 @@ import jax.numpy as jnp
 
 MODEL_NAMES = ("small_cnn", "resnet18", "resnet50")
 DTYPE_NAMES = ("float32", "bfloat16")
+# "cifar": 3x3 stride-1 convolution, no max-pool (the paper's 32 px recipe); "imagenet": the
+# standard 7x7 stride-2 convolution + 3x3 stride-2 max-pool for 224 px crops.
+STEM_NAMES = ("cifar", "imagenet")
 
 # PyTorch BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here).
 _BN_MOMENTUM = 0.9
@@ -110,7 +113,9 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with the CIFAR stem: 3x3 stride-1 first convolution, no max-pool.
+    """ResNet with the CIFAR stem (3x3 stride-1 first convolution, no max-pool) or, with
+    ``stem="imagenet"``, the standard 7x7 stride-2 convolution and 3x3 stride-2 max-pool (4x less
+    resolution before the first stage). Both stems name their parameters alike.
 
     ``width`` is the channel count of the stem and first stage (64 in the reference); stages double
     it. Features after global average pooling have ``8 * width * block.expansion`` dimensions.
@@ -121,6 +126,7 @@ class ResNet(nn.Module):
     width: int = 64
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    stem: str = "cifar"
 
     @property
     def feature_dim(self) -> int:
@@ -129,10 +135,12 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = x.astype(self.dtype)
+        imagenet = self.stem == "imagenet"
         x = nn.Conv(
             self.width,
-            (3, 3),
-            padding=1,
+            (7, 7) if imagenet else (3, 3),
+            strides=2 if imagenet else 1,
+            padding=3 if imagenet else 1,
             use_bias=False,
             dtype=self.dtype,
             param_dtype=jnp.float32,
@@ -140,6 +148,8 @@ class ResNet(nn.Module):
             name="stem_conv",
         )(x)
         x = nn.relu(_batch_norm(train, self.bn_axis_name, self.dtype, name="stem_bn")(x))
+        if imagenet:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 x = self.block_cls(
@@ -237,16 +247,20 @@ def create_model(
     dtype: str = "float32",
     bn_axis_name: str | None = None,
     stage_sizes: Sequence[int] | None = None,
+    stem: str = "cifar",
 ) -> ContrastiveModel:
     """Builds a ContrastiveModel by name ('small_cnn', 'resnet18', 'resnet50').
 
     ``width`` None takes the reference width (64 for ResNets, 32 for the small CNN);
     ``stage_sizes`` None takes the named ResNet's blocks per stage ((2, 2, 2, 2) / (3, 4, 6, 3));
-    tests shrink both. ``bn_axis_name`` is the pmap/shard_map axis over which BatchNorm statistics
-    are averaged in training mode.
+    tests shrink both. ``stem`` is the ResNet input stem, ``"cifar"`` or ``"imagenet"`` (see
+    `ResNet`). ``bn_axis_name`` is the pmap/shard_map axis over which BatchNorm statistics are
+    averaged in training mode.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"model.name={name!r} is unknown; allowed: {', '.join(MODEL_NAMES)}")
+    if stem not in STEM_NAMES:
+        raise ValueError(f"model.stem={stem!r} is unknown; allowed: {', '.join(STEM_NAMES)}")
     width = _DEFAULT_WIDTH[name] if width is None else width
     for field, value in (
         ("width", width),
@@ -257,9 +271,10 @@ def create_model(
             raise ValueError(f"model.{field}={value!r} must be a positive integer")
     compute_dtype = parse_dtype(dtype)
     if name == "small_cnn":
-        if stage_sizes is not None:
+        if stage_sizes is not None or stem != "cifar":
             raise ValueError(
-                "model.stage_sizes applies to ResNets only; leave it None for small_cnn"
+                "model.stage_sizes and model.stem apply to ResNets only; leave them at their "
+                "defaults (None, 'cifar') for small_cnn"
             )
         encoder = SmallCNN(width=width, bn_axis_name=bn_axis_name, dtype=compute_dtype)
     else:
@@ -269,7 +284,9 @@ def create_model(
             raise ValueError(
                 f"model.stage_sizes={stage_sizes!r} must be a non-empty sequence of positive ints"
             )
-        encoder = ResNet(stages, block, width=width, bn_axis_name=bn_axis_name, dtype=compute_dtype)
+        encoder = ResNet(
+            stages, block, width=width, bn_axis_name=bn_axis_name, dtype=compute_dtype, stem=stem
+        )
     head = ProjectionHead(
         hidden_dim=head_hidden_dim,
         output_dim=projection_dim,
@@ -289,6 +306,7 @@ def model_from_config(model_config, *, bn_axis_name: str | None = None) -> Contr
         dtype=model_config.get("dtype", "float32"),
         bn_axis_name=bn_axis_name,
         stage_sizes=model_config.get("stage_sizes"),
+        stem=model_config.get("stem", "cifar"),
     )
 
 

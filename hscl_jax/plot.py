@@ -10,6 +10,10 @@
 ``python -m hscl_jax.plot --workdir=DIR`` regenerates every plot whose data exist. Figures are
 drawn on matplotlib's Agg canvas directly, without pyplot, so importing this module changes no
 global matplotlib state.
+
+Layer 2 (the issue's layer 0, moved: :func:`plot_workdir` reads metrics.jsonl with
+hscl_jax.metrics' reader and the run directory's file names): imports metrics (layer 1);
+imported by analysis.py.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -27,22 +30,18 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from hscl_jax import metrics
+
 THEORY_LOSS_STYLES = (
     ("hscl", "H-SCL", "tab:red"),
     ("hucl", "H-UCL", "tab:orange"),
     ("scl", "SCL", "tab:blue"),
     ("ucl", "UCL", "tab:green"),
 )
-THEORY_CSV_NAMES = ("theory.csv", "theory_train.csv")
+THEORY_CSV_NAMES = (metrics.THEORY_CSV, metrics.THEORY_TRAIN_CSV)
 
 
 # ----------------------------------------------------------------------------- readers
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """One dict per non-empty line of a JSON-lines file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def read_csv_columns(path: str) -> dict[str, np.ndarray]:
@@ -237,13 +236,9 @@ def plot_workdir(workdir: str) -> list[str]:
     if not os.path.isdir(workdir):
         raise ValueError(f"workdir {workdir!r} is not a directory")
     written = []
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        records = read_jsonl(metrics_path)
-        if any("loss" in r or "knn_top1" in r for r in records):
-            written.append(
-                plot_training_curves(records, os.path.join(workdir, "training_curves.png"))
-            )
+    records = metrics.read_metrics(workdir)
+    if any("loss" in r or "knn_top1" in r for r in records):
+        written.append(plot_training_curves(records, os.path.join(workdir, "training_curves.png")))
     for name in THEORY_CSV_NAMES:
         path = os.path.join(workdir, name)
         if not os.path.exists(path):
@@ -253,7 +248,7 @@ def plot_workdir(workdir: str) -> list[str]:
         if table.get("step") is not None and len(table["step"]):
             written.append(plot_four_losses(table, f"{stem}_losses.png"))
             written.append(plot_assumption(table, f"{stem}_assumption.png"))
-    sweep_path = os.path.join(workdir, "beta_sweep.csv")
+    sweep_path = os.path.join(workdir, metrics.BETA_SWEEP_CSV)
     if os.path.exists(sweep_path):
         written.append(
             plot_beta_sweep(read_csv_columns(sweep_path), os.path.join(workdir, "beta_sweep.png"))

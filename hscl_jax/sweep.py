@@ -13,6 +13,8 @@ from its last checkpoint. After every run the sweep rewrites
   ``knn_top1``, ``knn_top5``, ``linear_top1`` (fractions), ``wall_s``;
 - ``DIR/study.md``: mean +- std per (method, beta) cell, and H-SCL minus SCL (and H-UCL minus UCL)
   per beta, paired over seeds, with a paired t-test.
+
+Layer 6 (with train.py and bench/): imports trainer, evaluate, metrics, losses and config.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from collections.abc import Iterable, Sequence
 import ml_collections
 import numpy as np
 
-METHODS = ("ucl", "scl", "hucl", "hscl", "supcon")
+from hscl_jax import evaluate, losses, metrics, trainer
+
 TILTED = ("hucl", "hscl")
 METRICS = ("knn_top1", "knn_top5", "linear_top1")
 
 DEFAULT_GRID = {
-    "methods": ("ucl", "scl", "hucl", "hscl", "supcon"),
+    "methods": losses.LOSS_NAMES,
     "betas": (0.5, 1.0, 5.0),
     "seeds": (0, 1, 2, 3, 4),
 }
@@ -52,9 +55,11 @@ class Run:
 def grid_runs(grid) -> list[Run]:
     """The runs of a grid: tilted methods once per beta, the others once; for every seed."""
     methods = tuple(grid["methods"])
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in losses.LOSS_NAMES]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown} in the sweep grid; allowed: {METHODS}")
+        raise ValueError(
+            f"unknown method(s) {unknown} in the sweep grid; allowed: {losses.LOSS_NAMES}"
+        )
     betas = tuple(float(b) for b in grid["betas"])
     if any(b < 0 for b in betas):
         raise ValueError(f"sweep betas must be >= 0, got {betas}")
@@ -85,17 +90,8 @@ def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.Conf
     return config
 
 
-def _write_json_atomic(path: str, payload) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def run_one(config: ml_collections.ConfigDict, run: Run, run_dir: str) -> dict:
     """Trains and evaluates one run (resuming if it was interrupted); returns its record."""
-    from hscl_jax import evaluate, trainer
-
     record_path = os.path.join(run_dir, "record.json")
     if os.path.exists(record_path):
         with open(record_path) as f:
@@ -111,7 +107,7 @@ def run_one(config: ml_collections.ConfigDict, run: Run, run_dir: str) -> dict:
         **{k: float(results[k]) for k in METRICS},
         "wall_s": round(time.time() - start, 1),
     }
-    _write_json_atomic(record_path, record)
+    metrics.write_json_atomic(record_path, record)
     return record
 
 
@@ -159,7 +155,7 @@ def study_markdown(records: list[dict]) -> str:
         "| method | beta | seeds | kNN top-1 (%) | kNN top-5 (%) | linear top-1 (%) | wall s/run |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(losses.LOSS_NAMES)}
     for (method, beta), rs in sorted(cells.items(), key=lambda c: (order[c[0][0]], c[0][1])):
         beta_text = f"{beta:g}" if method in TILTED else "-"
         lines.append(
@@ -200,7 +196,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         records.append(
             run_one(run_config(config, run), run, os.path.join(workdir, "runs", run.name))
         )
-        _write_json_atomic(os.path.join(workdir, "study.json"), records)
+        metrics.write_json_atomic(os.path.join(workdir, "study.json"), records)
         with open(os.path.join(workdir, "study.md"), "w") as f:
             f.write(study_markdown(records))
     return records

@@ -19,3 +19,45 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow on 2 cores: keep its logging quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+# (imported lazily: XLA_FLAGS above must be set before anything imports jax)
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_digits_config(**top_level):
+    """configs/default.py shrunk to a few fast steps; keyword arguments set top-level fields."""
+    from hscl_jax import config as config_lib
+
+    config = config_lib.config_from_file(os.path.join(REPO, "configs", "default.py"))
+    config.model.width = 4
+    config.model.head_hidden_dim = 16
+    config.model.projection_dim = 8
+    config.global_batch_size = 16
+    config.num_steps = 4
+    config.num_devices = 1
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.eval_every_steps = 0
+    config.knn.k = 20
+    config.knn.eval_batch_size = 512
+    for key, value in top_level.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_config():
+    """A factory: ``tiny_digits_config(num_steps=2, ...)`` is configs/default.py shrunk to a few
+    fast steps on one device (keyword arguments set top-level fields)."""
+    return _tiny_digits_config
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    """The checkout's root (where train.py and configs/ are)."""
+    return REPO

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from hscl_jax import trainer
+from hscl_jax import checkpoints
 from hscl_jax.data import pipeline
 
 _records_dir = os.environ["HSCL_TEST_RECORDS"]
@@ -63,14 +63,14 @@ sys.addaudithook(_audit)
 
 if "HSCL_TEST_KILL_AT_STEP" in os.environ:
     _kill_at = int(os.environ["HSCL_TEST_KILL_AT_STEP"])
-    _save = trainer._save_checkpoint
+    _save = checkpoints.save_checkpoint
 
     def _save_then_die(manager, step, host_state, meta):
         _save(manager, step, host_state, meta)
         if step == _kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer._save_checkpoint = _save_then_die
+    checkpoints.save_checkpoint = _save_then_die
 
 
 def _dump_records():

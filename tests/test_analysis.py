@@ -1,5 +1,6 @@
-"""Tests for hscl_jax.analysis: the four-loss comparison, the Assumption 1 estimate (hand-computed
-and against a numpy loop), pmap over 8 devices, the bound it implies, the beta sweep, the CLI."""
+"""Tests for hscl_jax.theory and hscl_jax.analysis: the four-loss comparison, the Assumption 1
+estimate (hand-computed and against a numpy loop), pmap over 8 devices, the bound it implies, the
+beta sweep, the CLI over a run directory."""
 
 import csv
 import json
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from hscl_jax import analysis, losses
+from hscl_jax import analysis, losses, metrics, theory
 
 TEMPERATURE = 0.5
 
@@ -52,9 +53,9 @@ def test_four_losses_and_monitor_equal_direct_loss_calls():
         "scl": losses.scl(z1, z2, labels, temperature=TEMPERATURE, positives="partner"),
         "ucl": losses.ucl(z1, z2, temperature=TEMPERATURE),
     }
-    four = analysis.four_losses(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
-    metrics = analysis.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
-    assert set(metrics) == set(analysis.THEORY_KEYS)
+    four = theory.four_losses(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
+    metrics = theory.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
+    assert set(metrics) == set(theory.THEORY_KEYS)
     chex.assert_tree_shape_prefix(metrics, ())
     for key, value in direct.items():
         np.testing.assert_allclose(four[key], value, rtol=1e-6, err_msg=key)
@@ -81,7 +82,7 @@ def test_assumption_fraction_on_a_constructed_batch(beta):
     angles = np.deg2rad([0.0, 60.0, 90.0, 180.0])
     z = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     labels = np.array([0, 0, 1, 1], np.int32)
-    result = analysis.assumption1(z, z, labels, beta=beta, temperature=TEMPERATURE)
+    result = theory.assumption1(z, z, labels, beta=beta, temperature=TEMPERATURE)
 
     # s = cos / 0.5. Per image: s to its one same-class image, s to the two other-class images.
     same = {"A": 1.0, "B": 1.0, "C": 0.0, "D": 0.0}
@@ -117,7 +118,7 @@ def test_assumption1_equals_a_numpy_loop_and_skips_anchors_without_both_sets():
     # Classes 2 and 3 have one image each: their anchors have no same-class candidate.
     z1, z2, labels = random_batch(1, labels=[0, 0, 1, 1, 1, 2, 0, 3])
     beta = 0.7
-    metrics = analysis.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
+    metrics = theory.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
     fraction, log_ratio, count = numpy_assumption1(z1, z2, labels, beta, TEMPERATURE)
     assert count == 12
     assert 0 < fraction < 1
@@ -131,16 +132,16 @@ def test_pmap_over_8_devices_equals_one_device():
     z1, z2, labels = random_batch(2, batch=16, labels=np.arange(16) % 3)
     beta = 1.2
     single = jax.device_get(
-        analysis.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
+        theory.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
     )
     per_device = jax.pmap(
-        lambda a, b, y: analysis.theory_metrics(
+        lambda a, b, y: theory.theory_metrics(
             a, b, y, beta=beta, temperature=TEMPERATURE, axis_name="devices"
         ),
         axis_name="devices",
     )(z1.reshape(8, 2, -1), z2.reshape(8, 2, -1), labels.reshape(8, 2))
     per_device = jax.device_get(per_device)
-    for key in analysis.THEORY_KEYS:
+    for key in theory.THEORY_KEYS:
         np.testing.assert_allclose(
             per_device[key], np.full(8, single[key]), rtol=1e-5, atol=1e-6, err_msg=key
         )
@@ -149,14 +150,14 @@ def test_pmap_over_8_devices_equals_one_device():
 
 def test_assumption_holding_everywhere_bounds_scl_by_ucl():
     z1, z2, labels = clustered_batch(3)
-    at_zero = analysis.theory_metrics(z1, z2, labels, beta=0.0, temperature=TEMPERATURE)
+    at_zero = theory.theory_metrics(z1, z2, labels, beta=0.0, temperature=TEMPERATURE)
     assert float(at_zero["assumption_fraction"]) == 1.0
     assert float(at_zero["assumption_num_anchors"]) == 16.0
     assert float(at_zero["scl"]) <= float(at_zero["ucl"])
     assert float(at_zero["scl_le_ucl"]) == 1.0
     np.testing.assert_allclose(at_zero["hscl"], at_zero["scl"], rtol=1e-5)
     # The same bound for the tilted pair wherever the assumption holds at that beta.
-    at_three = analysis.theory_metrics(z1, z2, labels, beta=3.0, temperature=TEMPERATURE)
+    at_three = theory.theory_metrics(z1, z2, labels, beta=3.0, temperature=TEMPERATURE)
     assert float(at_three["assumption_fraction"]) == 1.0
     assert float(at_three["hscl"]) <= float(at_three["hucl"])
     assert float(at_three["hscl_le_hucl"]) == 1.0
@@ -165,12 +166,12 @@ def test_assumption_holding_everywhere_bounds_scl_by_ucl():
 def test_beta_sweep_matches_the_monitor_and_shows_the_lower_bound_scenario():
     z1, z2, labels = random_batch(0)
     betas = [0.0, 1.5, 20.0]
-    sweep = analysis.beta_sweep(z1, z2, labels, betas, temperature=TEMPERATURE)
-    assert set(sweep) == set(analysis.SWEEP_KEYS)
-    chex.assert_shape([sweep[k] for k in analysis.SWEEP_KEYS], (3,))
+    sweep = theory.beta_sweep(z1, z2, labels, betas, temperature=TEMPERATURE)
+    assert set(sweep) == set(theory.SWEEP_KEYS)
+    chex.assert_shape([sweep[k] for k in theory.SWEEP_KEYS], (3,))
     for i, beta in enumerate(betas):
-        metrics = analysis.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
-        for key in analysis.SWEEP_KEYS[1:]:
+        metrics = theory.theory_metrics(z1, z2, labels, beta=beta, temperature=TEMPERATURE)
+        for key in theory.SWEEP_KEYS[1:]:
             np.testing.assert_allclose(sweep[key][i], metrics[key], rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(sweep["hscl"][0], sweep["scl"][0], rtol=1e-5)
     np.testing.assert_array_equal(sweep["ucl_lt_hscl"], (sweep["ucl"] < sweep["hscl"]) * 1.0)
@@ -182,12 +183,12 @@ def test_beta_sweep_matches_the_monitor_and_shows_the_lower_bound_scenario():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda z, y: analysis.theory_metrics(z, z, y, beta=-1.0), "beta"),
-        (lambda z, y: analysis.assumption1(z, z, y, beta=1.0, temperature=0.0), "temperature"),
-        (lambda z, y: analysis.assumption1(z, z[:3], y, beta=1.0), "shape"),
-        (lambda z, y: analysis.assumption1(z, z, y.astype(np.float32), beta=1.0), "integers"),
-        (lambda z, y: analysis.beta_sweep(z, z, y, []), "betas"),
-        (lambda z, y: analysis.beta_sweep(z, z, y, [1.0, float("nan")]), "beta"),
+        (lambda z, y: theory.theory_metrics(z, z, y, beta=-1.0), "beta"),
+        (lambda z, y: theory.assumption1(z, z, y, beta=1.0, temperature=0.0), "temperature"),
+        (lambda z, y: theory.assumption1(z, z[:3], y, beta=1.0), "shape"),
+        (lambda z, y: theory.assumption1(z, z, y.astype(np.float32), beta=1.0), "integers"),
+        (lambda z, y: theory.beta_sweep(z, z, y, []), "betas"),
+        (lambda z, y: theory.beta_sweep(z, z, y, [1.0, float("nan")]), "beta"),
     ],
 )
 def test_bad_inputs_raise_value_errors(call, match):
@@ -239,14 +240,14 @@ def test_cli_turns_train_time_metrics_into_csv_and_plots(tmp_path, capsys):
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     assert analysis.main([f"--workdir={tmp_path}", "--beta=1.0", "--temperature=0.5"]) == 0
-    rows = _read_csv(tmp_path / analysis.THEORY_TRAIN_CSV)
+    rows = _read_csv(tmp_path / metrics.THEORY_TRAIN_CSV)
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert list(rows[0]) == list(analysis.THEORY_COLUMNS)
     assert float(rows[1]["hscl"]) == 2.8 and float(rows[1]["assumption_fraction"]) == 0.5
     assert float(rows[0]["beta"]) == 1.0 and rows[0]["epoch"] == ""
     for name in ("training_curves", "theory_train_losses", "theory_train_assumption"):
         assert _is_png(tmp_path / f"{name}.png"), name
-    assert not (tmp_path / analysis.THEORY_CSV).exists()
+    assert not (tmp_path / metrics.THEORY_CSV).exists()
     # A directory with nothing to analyse: exit status 1 and one line saying why.
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -258,9 +259,11 @@ def test_cli_turns_train_time_metrics_into_csv_and_plots(tmp_path, capsys):
 def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     import optax
 
-    from hscl_jax import data, models, trainer
+    from hscl_jax import checkpoints, data, models
+    from hscl_jax import config as config_lib
+    from hscl_jax import step as step_lib
 
-    config = trainer.base_config("synthetic")
+    config = config_lib.base_config("synthetic")
     config.model.name = "small_cnn"
     config.model.width = 2
     config.model.head_hidden_dim = 8
@@ -272,14 +275,14 @@ def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(json.loads(json.dumps(config.to_dict(), default=str)), f)
     model = models.model_from_config(config.model)
-    state = trainer.create_train_state(jax.random.key(0), model, optax.sgd(0.1), (32, 32, 3))
+    state = step_lib.create_train_state(jax.random.key(0), model, optax.sgd(0.1), (32, 32, 3))
     # Checkpoints written by the trainer's own writer, so the layout read is the one it writes.
-    manager = trainer._checkpoint_manager(workdir, 3)
+    manager = checkpoints.checkpoint_manager(workdir, 3)
     for step, scale in ((2, 1.0), (4, 1.5)):
         host = jax.device_get(state.to_dict())
         host["params"] = jax.tree.map(lambda p, s=scale: p * s, host["params"])
         host["step"] = np.int32(step)
-        trainer._save_checkpoint(manager, step, host, {"step": step, "config": {}})
+        checkpoints.save_checkpoint(manager, step, host, {"step": step, "config": {}})
     manager.wait_until_finished()
     manager.close()
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
@@ -288,7 +291,7 @@ def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     argv = [f"--workdir={workdir}", "--num_batches=1", "--betas=0,1,10", "--max_embeddings=40"]
     assert analysis.main(argv) == 0
 
-    rows = _read_csv(os.path.join(workdir, analysis.THEORY_CSV))
+    rows = _read_csv(os.path.join(workdir, metrics.THEORY_CSV))
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert list(rows[0]) == list(analysis.THEORY_COLUMNS)
     assert float(rows[0]["beta"]) == 2.0 and int(rows[0]["num_batches"]) == 1
@@ -296,20 +299,20 @@ def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     assert rows[0]["hscl"] != rows[1]["hscl"]
     # The step-2 row is the monitor on the run's first training batch, embedded as in training.
     batch = next(data.train_iterator(config.data, global_batch_size=8, seed=0, num_local_devices=1))
-    variables = trainer.restore_variables(workdir, 2)
+    variables = checkpoints.restore_variables(workdir, 2)
     images = np.concatenate([batch["view1"][0], batch["view2"][0]])
     (_, z), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    expected = analysis.theory_metrics(z[:8], z[8:], batch["label"][0], beta=2.0)
-    for key in analysis.THEORY_KEYS:
+    expected = theory.theory_metrics(z[:8], z[8:], batch["label"][0], beta=2.0)
+    for key in theory.THEORY_KEYS:
         np.testing.assert_allclose(float(rows[0][key]), expected[key], rtol=1e-5, err_msg=key)
 
-    sweep = _read_csv(os.path.join(workdir, analysis.BETA_SWEEP_CSV))
+    sweep = _read_csv(os.path.join(workdir, metrics.BETA_SWEEP_CSV))
     assert [float(r["beta"]) for r in sweep] == [0.0, 1.0, 10.0]
     assert {int(r["step"]) for r in sweep} == {4}
-    with np.load(os.path.join(workdir, analysis.EMBEDDINGS_NPZ)) as arrays:
+    with np.load(os.path.join(workdir, metrics.EMBEDDINGS_NPZ)) as arrays:
         chex.assert_shape(arrays["features"], (40, 8))
         chex.assert_shape(arrays["labels"], (40,))
     for name in ("training_curves", "theory_losses", "theory_assumption", "beta_sweep"):
         assert _is_png(os.path.join(workdir, f"{name}.png")), name
     assert _is_png(os.path.join(workdir, "embeddings_pca.png"))
-    assert not os.path.exists(os.path.join(workdir, analysis.THEORY_TRAIN_CSV))
+    assert not os.path.exists(os.path.join(workdir, metrics.THEORY_TRAIN_CSV))

@@ -145,9 +145,7 @@ def test_linear_probe_bad_arguments(kwargs, match):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from test_trainer import tiny_digits_config
-
+def finished_run(tmp_path_factory, tiny_digits_config):
     from hscl_jax import trainer
 
     workdir = str(tmp_path_factory.mktemp("run"))
@@ -158,14 +156,14 @@ def finished_run(tmp_path_factory):
 def test_evaluate_workdir_writes_eval_json_and_keeps_the_encoder_frozen(finished_run):
     import jax
 
-    from hscl_jax import trainer
+    from hscl_jax import checkpoints
 
-    before = trainer.restore_variables(finished_run)
+    before = checkpoints.restore_variables(finished_run)
     results = evaluate.evaluate_workdir(finished_run, linear_epochs=3)
-    after = trainer.restore_variables(finished_run)
+    after = checkpoints.restore_variables(finished_run)
     # Parameters and BatchNorm statistics are those of the checkpoint, before and after.
     jax.tree.map(np.testing.assert_array_equal, before, after)
-    assert trainer.checkpoint_steps(finished_run) == [2]
+    assert checkpoints.checkpoint_steps(finished_run) == [2]
 
     with open(f"{finished_run}/eval.json") as f:
         written = json.load(f)

@@ -65,6 +65,22 @@ def test_cifar_stem_keeps_resolution_and_stages_halve_it():
     assert encoder["stage4_block2"]["__call__"][0].shape == (2, 4, 4, 16)
 
 
+def test_imagenet_stem_quarters_resolution_with_the_same_parameter_names():
+    cifar = models.create_model("resnet18", width=2)
+    imagenet = models.create_model("resnet18", width=2, stem="imagenet")
+    variables = _init(imagenet, (1, 64, 64, 3))
+    assert variables["params"]["encoder"]["stem_conv"]["kernel"].shape == (7, 7, 3, 2)
+    cifar_tree = jax.tree_util.tree_structure(_init(cifar, (1, 64, 64, 3)))
+    assert jax.tree_util.tree_structure(variables) == cifar_tree
+    _, state = _apply(imagenet, False, capture_intermediates=True, mutable=["intermediates"])(
+        variables, jnp.ones((2, 64, 64, 3))
+    )
+    encoder = state["intermediates"]["encoder"]
+    assert encoder["stem_conv"]["__call__"][0].shape == (2, 32, 32, 2)  # 7x7 stride 2
+    assert encoder["stage1_block1"]["__call__"][0].shape == (2, 16, 16, 2)  # after the max-pool
+    assert encoder["stage4_block2"]["__call__"][0].shape == (2, 2, 2, 16)
+
+
 @pytest.fixture(scope="module")
 def small():
     """A tiny small-CNN, its variables and a batch whose statistics are far from N(0, 1)."""
@@ -156,7 +172,12 @@ def test_batchnorm_statistics_are_synced_across_replicas():
         ({"name": "resnet18", "width": 0}, "model.width=0"),
         ({"name": "small_cnn", "projection_dim": -1}, "model.projection_dim=-1"),
         ({"name": "resnet50", "stage_sizes": (2, 0)}, "model.stage_sizes=\\(2, 0\\)"),
-        ({"name": "small_cnn", "stage_sizes": (1,)}, "stage_sizes applies to ResNets only"),
+        ({"name": "small_cnn", "stage_sizes": (1,)}, "stem apply to ResNets only"),
+        ({"name": "small_cnn", "stem": "imagenet"}, "stem apply to ResNets only"),
+        (
+            {"name": "resnet18", "stem": "vit"},
+            "model.stem='vit' is unknown; allowed: cifar, imagenet",
+        ),
     ],
 )
 def test_bad_model_arguments(kwargs, match):

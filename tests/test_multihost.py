@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from hscl_jax import data, trainer
+from hscl_jax import checkpoints, data
+from hscl_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "multihost_runner.py")
@@ -126,7 +127,7 @@ def test_the_logged_metrics_and_knn_accuracy_match_one_process(runs):
 def test_each_process_reads_only_its_slice_of_every_global_batch(runs):
     records = _records(runs["two"])
     assert sorted(records) == [0, 1]
-    config = trainer.load_config(runs["two"])
+    config = config_lib.load_config(runs["two"])
     _, labels = data.pipeline._split_arrays(data.dataset_info("digits"), config.data, "train")
     indexer = data.pipeline._indexer(config.data, labels, GLOBAL_BATCH, config.data.seed)
     half = GLOBAL_BATCH // 2
@@ -182,7 +183,7 @@ def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, t
     )
     output = result.stdout + result.stderr
     assert result.returncode == 128 + 9, output[-5000:]
-    steps = trainer.checkpoint_steps(killed)
+    steps = checkpoints.checkpoint_steps(killed)
     assert steps and steps[-1] in (kill_at - 4, kill_at), steps
     result = _run(tmp_path / "jax_cache", killed, processes=2)
     output = result.stdout + result.stderr

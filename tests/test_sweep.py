@@ -4,12 +4,12 @@ import json
 
 import ml_collections
 import pytest
-from test_trainer import tiny_digits_config
 
+from hscl_jax import config as config_lib
 from hscl_jax import sweep, trainer
 
 
-def _two_run_config():
+def _two_run_config(tiny_digits_config):
     config = tiny_digits_config(num_steps=2)
     config.sweep = ml_collections.ConfigDict(
         {"methods": ("scl", "hscl"), "betas": (2.0,), "seeds": (3,)}
@@ -18,9 +18,9 @@ def _two_run_config():
 
 
 @pytest.mark.slow
-def test_two_run_grid_runs_then_skips_finished_runs(tmp_path, monkeypatch):
+def test_two_run_grid_runs_then_skips_finished_runs(tmp_path, monkeypatch, tiny_digits_config):
     workdir = str(tmp_path)
-    records = sweep.run_sweep(_two_run_config(), workdir)
+    records = sweep.run_sweep(_two_run_config(tiny_digits_config), workdir)
 
     with open(f"{workdir}/study.json") as f:
         study = json.load(f)
@@ -42,7 +42,7 @@ def test_two_run_grid_runs_then_skips_finished_runs(tmp_path, monkeypatch):
         for key in ("knn_top1", "knn_top5", "linear_top1"):
             assert 0.0 <= record[key] <= 1.0
     # Each run trained with its own loss and seed.
-    hscl_config = trainer.load_config(f"{workdir}/runs/hscl_b2_s3")
+    hscl_config = config_lib.load_config(f"{workdir}/runs/hscl_b2_s3")
     assert hscl_config.loss.name == "hscl" and hscl_config.loss.beta == 2.0
     assert hscl_config.seed == 3 and hscl_config.data.seed == 3
     with open(f"{workdir}/study.md") as f:
@@ -53,7 +53,7 @@ def test_two_run_grid_runs_then_skips_finished_runs(tmp_path, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(trainer, "train_and_evaluate", must_not_train)
-    assert sweep.run_sweep(_two_run_config(), workdir) == records
+    assert sweep.run_sweep(_two_run_config(tiny_digits_config), workdir) == records
 
 
 def test_grid_order_and_errors():

@@ -1,0 +1,131 @@
+"""What a run writes beside its checkpoints: the file names of a run directory, the metric writer
+(metrics.jsonl + TensorBoard events), the one metrics.jsonl reader and the one atomic JSON writer.
+
+Layer 1: imports nothing from hscl_jax; imported by config.py, plot.py, evaluate.py, analysis.py,
+trainer.py and sweep.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+
+# The files of a run directory (train.py --workdir); checkpoints.CHECKPOINTS_DIR is the other.
+CONFIG_JSON = "config.json"
+METRICS_JSONL = "metrics.jsonl"
+EVAL_JSON = "eval.json"
+TENSORBOARD_DIR = "tensorboard"
+THEORY_CSV = "theory.csv"
+THEORY_TRAIN_CSV = "theory_train.csv"
+BETA_SWEEP_CSV = "beta_sweep.csv"
+EMBEDDINGS_NPZ = "embeddings.npz"
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """One dict per line of a JSON-lines file ([] if there is no such file).
+
+    Blank lines and a line that does not parse (a record cut short by a kill) are skipped.
+    """
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The records of ``workdir/metrics.jsonl`` (empty if there is no such file)."""
+    return read_jsonl(os.path.join(workdir, METRICS_JSONL))
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Writes ``payload`` as indented, key-sorted JSON; readers see the old file or the new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Rewrites a metrics.jsonl without the records of steps after ``step`` (a run resumed from the
+    checkpoint at ``step`` logs them again) and without a record cut short by a kill."""
+    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in kept)
+    os.replace(path + ".tmp", path)
+
+
+class MetricWriter:
+    """metrics.jsonl + TensorBoard event files in ``workdir``; a no-op on processes other than 0.
+
+    TensorBoard events are written with tensorboard's own event writer (no TensorFlow needed);
+    when the tensorboard package is missing, only metrics.jsonl is written.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool, resumed_at: int | None = None):
+        self._enabled = enabled
+        self._jsonl = None
+        self._events = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, METRICS_JSONL)
+        if resumed_at is not None and os.path.exists(path):
+            drop_records_after(path, resumed_at)
+        self._jsonl = open(path, "a")  # noqa: SIM115
+        try:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError:
+            logging.warning("tensorboard is not installed: no TensorBoard event files")
+        else:
+            self._events = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
+            if resumed_at is not None:
+                from tensorboard.compat.proto import event_pb2
+
+                # A restart marker: TensorBoard drops the earlier run's events after this step.
+                self._events.add_event(
+                    event_pb2.Event(
+                        wall_time=time.time(),
+                        step=resumed_at,
+                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+                    )
+                )
+
+    def write(self, step: int, metrics: dict[str, float], *, tensorboard_prefix: str = "") -> None:
+        """One metrics.jsonl record {"step", **metrics}; TensorBoard tags get
+        ``tensorboard_prefix`` (keeps e.g. epoch means apart from the step values of a tag)."""
+        if not self._enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._events is not None:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            summary = summary_pb2.Summary(
+                value=[
+                    summary_pb2.Summary.Value(tag=tensorboard_prefix + k, simple_value=float(v))
+                    for k, v in metrics.items()
+                ]
+            )
+            self._events.add_event(
+                event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+            )
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._events is not None:
+            self._events.close()

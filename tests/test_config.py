@@ -1,0 +1,120 @@
+"""Tests for hscl_jax.config: every bad value is one ConfigError line, the loss's and the theory
+monitor's options, config files, a run's saved config and the resume-mismatch check."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from hscl_jax import config as config_lib
+
+
+def _set(config, dotted, value):
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        config = config[parent]
+    with config.ignore_type():
+        config[leaf] = value
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("loss.name", "triplet", "config.loss.name='triplet' is unknown"),
+        ("model.name", "vgg", "config.model.name='vgg' is unknown"),
+        ("model.dtype", "float16", "model.dtype='float16' is not supported"),
+        ("model.width", 0, "model.width=0"),
+        ("model.stem", "vit", "model.stem='vit' is unknown; allowed: cifar, imagenet"),
+        ("data.name", "mnist", "config.data.name='mnist'"),
+        ("global_batch_size", 12, "global_batch_size=12 is not divisible by the 8 devices"),
+        ("global_batch_size", 0, "config.global_batch_size=0 must be a positive integer"),
+        ("num_devices", 9, "config.num_devices=9 must be between 1 and the 8 local devices"),
+        ("optim.name", "rmsprop", "config.optim.name='rmsprop' is unknown"),
+        ("optim.schedule", "step", "config.optim.schedule='step' is unknown"),
+        ("optim.learning_rate", 0.0, "config.optim.learning_rate=0.0 must be > 0"),
+        ("optim.weight_decay", -1.0, "config.optim.weight_decay=-1.0 must be >= 0"),
+        ("loss.beta", -1.0, "config.loss: .*beta"),
+        ("loss.positives", "some", "config.loss: .*positives"),
+        ("loss.temperature", 0.0, "config.loss: .*temperature"),
+        ("num_steps", -5, "config.num_steps=-5 must be an integer >= 0"),
+        ("log_every_steps", 0, "config.log_every_steps=0 must be a positive integer"),
+        ("checkpoint_every_steps", 0, "config.checkpoint_every_steps=0"),
+        ("keep_checkpoints", 0, "config.keep_checkpoints=0 must be a positive integer"),
+        ("knn.k", 0, "config.knn.k=0 must be a positive integer"),
+        ("knn.eval_batch_size", 100, "eval_batch_size=100 is not divisible by the 8 devices"),
+        ("skip_nonfinite_steps", "yes", "skip_nonfinite_steps='yes' must be True or False"),
+    ],
+)
+def test_bad_config_values_are_rejected_with_one_line(field, value, match, tiny_digits_config):
+    config = tiny_digits_config(num_devices=None, global_batch_size=16)
+    config_lib.validate_config(config)  # the unmodified config is fine on 8 devices
+    _set(config, field, value)
+    with pytest.raises(config_lib.ConfigError, match=match) as error:
+        config_lib.validate_config(config)
+    assert "\n" not in str(error.value)
+
+
+def test_theory_settings_follow_the_loss_and_bad_values_are_rejected(tiny_digits_config):
+    config = tiny_digits_config()
+    assert config_lib.theory_monitor_options(config) is None
+    assert config_lib.theory_hyperparameters(config) == {"beta": 1.0, "temperature": 0.5}
+    config.theory.enabled = True
+    config.loss.name = "ucl"
+    config.loss.beta = 3.0  # ucl takes no beta: the monitor uses 1.0
+    assert config_lib.theory_monitor_options(config) == {"beta": 1.0, "temperature": 0.5}
+    config.theory.beta = 0.0
+    config.theory.temperature = 0.2
+    assert config_lib.theory_monitor_options(config) == {"beta": 0.0, "temperature": 0.2}
+    config_lib.validate_config(config)
+    for field, value, match in (
+        ("theory.beta", -1.0, r"config.theory.beta=-1.0 must be None .* >= 0"),
+        ("theory.temperature", 0.0, r"config.theory.temperature=0.0 must be None .* > 0"),
+        ("theory.enabled", "yes", "config.theory.enabled='yes' must be True or False"),
+    ):
+        bad = tiny_digits_config()
+        _set(bad, field, value)
+        with pytest.raises(config_lib.ConfigError, match=match):
+            config_lib.validate_config(bad)
+
+
+def test_loss_options_pass_only_what_the_loss_takes(tiny_digits_config):
+    config = tiny_digits_config()
+    config.loss.name = "ucl"
+    assert config_lib.loss_options(config.loss) == {"temperature": 0.5}
+    config.loss.name = "hucl"
+    config.loss.block_size = 64
+    assert config_lib.loss_options(config.loss) == {
+        "temperature": 0.5,
+        "beta": config.loss.beta,
+        "tau_plus": 0.0,
+        "clamp": False,
+        "block_size": 64,
+    }
+
+
+def test_every_config_file_loads_and_validates(repo_root):
+    paths = sorted(glob.glob(os.path.join(repo_root, "configs", "*.py")))
+    assert len(paths) >= 6
+    for path in paths:
+        config = config_lib.config_from_file(path)
+        config.num_devices = 1
+        config.global_batch_size = 16
+        config.knn.eval_batch_size = 16
+        config_lib.validate_config(config)
+
+
+def test_load_config_and_resume_mismatches(tmp_path, tiny_digits_config):
+    config = tiny_digits_config()
+    saved = config_lib.to_json_ready(config)
+    with pytest.raises(ValueError, match="config.json does not exist: not a training run"):
+        config_lib.load_config(str(tmp_path))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**saved, "resolved": {"total_steps": 4}}, f)
+    loaded = config_lib.load_config(str(tmp_path))
+    assert "resolved" not in loaded and loaded.to_dict() == config_lib.to_json_ready(config)
+    assert config_lib.resume_mismatches(saved, saved) == []
+    changed = config_lib.to_json_ready(tiny_digits_config(seed=3))
+    changed["model"]["width"] = 8
+    changed["log_every_steps"] = 1  # not resume-sensitive
+    assert config_lib.resume_mismatches(saved, changed) == ["seed", "model"]

@@ -1,0 +1,123 @@
+"""The package's import graph runs one way: a module imports only from modules of earlier layers
+(README, Layout). Imports are read with ``ast``, including those inside functions, so a
+function-level import cannot hide a cycle."""
+
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, "hscl_jax")
+
+# module (relative to hscl_jax, "data" = the whole subpackage) -> layer
+LAYERS = {
+    # Process-level utilities, below everything (the data package builds datasets under a lock).
+    "locks": -1,
+    "distributed": 0,
+    "losses": 0,
+    "models": 0,
+    "data": 0,
+    "theory": 1,
+    "optim": 1,
+    "metrics": 1,
+    "checkpoints": 1,
+    "config": 2,
+    "features": 2,
+    "plot": 2,
+    "step": 3,
+    "evaluate": 4,
+    "analysis": 4,
+    "trainer": 5,
+    "sweep": 6,
+    "launch": 6,
+}
+
+
+def _module_files():
+    """Every .py file of the package but its own __init__.py (which imports nothing)."""
+    for root, _, files in os.walk(PACKAGE):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.endswith(".py") and path != os.path.join(PACKAGE, "__init__.py"):
+                yield path
+
+
+def _layer_key(path: str) -> str:
+    relative = os.path.relpath(path, PACKAGE)
+    top = relative.split(os.sep)[0]
+    return os.path.splitext(top)[0]
+
+
+def hscl_imports(source: str) -> set[str]:
+    """Top-level hscl_jax modules named by every import statement of ``source``, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            # Relative imports would escape this reading; the package uses absolute ones only.
+            assert node.level == 0, f"relative import at line {node.lineno}: use hscl_jax.<module>"
+            names = [node.module or ""]
+            if node.module == "hscl_jax":
+                names = [f"hscl_jax.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "hscl_jax" and len(parts) > 1 and parts[1]:
+                found.add(parts[1])
+    return found
+
+
+def test_every_module_has_a_layer():
+    modules = {_layer_key(path) for path in _module_files()}
+    assert modules == set(LAYERS), (
+        f"add {modules - set(LAYERS)} to LAYERS; drop {set(LAYERS) - modules}"
+    )
+
+
+def later_layer_imports(importer: str, source: str) -> dict[str, int]:
+    """The hscl_jax modules ``source`` (module ``importer``) imports from its own or a later layer;
+    the data subpackage may import its own modules."""
+    imported = hscl_imports(source) - ({"data"} if importer == "data" else set())
+    return {m: LAYERS[m] for m in imported if LAYERS[m] >= LAYERS[importer]}
+
+
+@pytest.mark.parametrize("path", sorted(_module_files()), ids=lambda p: os.path.relpath(p, REPO))
+def test_module_imports_only_earlier_layers(path):
+    importer = _layer_key(path)
+    with open(path) as f:
+        later = later_layer_imports(importer, f.read())
+    assert not later, (
+        f"hscl_jax/{os.path.relpath(path, PACKAGE)} (layer {LAYERS[importer]}) imports {later}, "
+        "which are not in an earlier layer"
+    )
+
+
+def test_config_files_import_the_config_module_not_the_trainer():
+    configs = os.path.join(REPO, "configs")
+    for name in sorted(os.listdir(configs)):
+        if name.endswith(".py"):
+            with open(os.path.join(configs, name)) as f:
+                assert hscl_imports(f.read()) <= {"config"}, name
+
+
+def test_the_import_reader_sees_every_form():
+    source = """
+import hscl_jax.trainer
+from hscl_jax import step as step_lib, models
+from hscl_jax.config import base_config
+def f():
+    from hscl_jax import evaluate
+    import numpy
+"""
+    assert hscl_imports(source) == {"trainer", "step", "models", "config", "evaluate"}
+    # What analysis.py used to do: a function-level import of a later layer is caught.
+    assert later_layer_imports("theory", source) == {
+        "trainer": 5,
+        "step": 3,
+        "config": 2,
+        "evaluate": 4,
+    }
+    assert later_layer_imports("sweep", source) == {}
