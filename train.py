@@ -3,7 +3,8 @@
     python train.py --config=configs/default.py --workdir=/tmp/hscl_digits
     python train.py --config=configs/cifar10.py --workdir=DIR --config.loss.beta=5
 
-Running the same command again on the same --workdir resumes from the latest checkpoint.
+Running the same command again on the same --workdir resumes from the latest checkpoint. SIGTERM
+or SIGINT stops the run after the current step with a checkpoint of it, and exit status 75.
 """
 
 import logging as std_logging
@@ -13,8 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hscl_jax import checkpoints, locks, preemption, trainer
 from hscl_jax import config as config_lib
-from hscl_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True
@@ -34,8 +35,18 @@ def main(argv):
     logging.get_absl_handler().addFilter(_quiet_orbax_info)
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, FloatingPointError, FileNotFoundError) as error:
-        # Bad config, non-finite training, dataset not prepared: the message says it all.
+    except preemption.StopRequested as stopped:
+        print(stopped, file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_STATUS)
+    except (
+        config_lib.ConfigError,
+        FloatingPointError,
+        FileNotFoundError,
+        checkpoints.DamagedCheckpointError,
+        locks.WorkdirInUseError,
+    ) as error:
+        # Bad config, non-finite training, dataset not prepared, no usable checkpoint, workdir in
+        # use by another run: the message says it all.
         sys.exit(f"error: {error}")
 
 

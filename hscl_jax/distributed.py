@@ -105,3 +105,19 @@ def mapped_devices(num_local_devices: int) -> list:
         for device in jax.devices()
         if device in jax.local_devices(device.process_index)[:num_local_devices]
     ]
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """Process 0's ``ok``, on every process (a broadcast; just ``ok`` in a one-process run).
+
+    Lets a decision that only process 0 can make (e.g. holding the workdir lock) stop every
+    process together instead of leaving the others waiting in a collective.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))

@@ -12,6 +12,7 @@ Layer 5: imports every earlier layer; imported by sweep.py and train.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,9 +31,11 @@ from hscl_jax import (
     distributed,
     evaluate,
     features,
+    locks,
     losses,
     metrics,
     models,
+    preemption,
     theory,
 )
 from hscl_jax import config as config_lib
@@ -130,17 +133,21 @@ def write_run_config(run: Run) -> None:
     metrics.write_json_atomic(os.path.join(run.workdir, metrics.CONFIG_JSON), resolved)
 
 
-def init_or_restore(run: Run, manager, latest: int | None) -> step_lib.TrainState:
-    """The initial state, or the checkpoint at step ``latest`` when there is one (ConfigError
-    when its structure does not match the config's)."""
+def init_or_restore(run: Run, manager) -> tuple[int | None, step_lib.TrainState]:
+    """(step, state) of the newest checkpoint that restores, or (None, the initial state) when
+    there is none. Damaged checkpoints are skipped with a warning and set aside (renamed
+    ``<step>.damaged``); ConfigError when the checkpoint's structure does not match the config's,
+    DamagedCheckpointError when every checkpoint is damaged."""
     host_state = jax.device_get(run.built.init_state().to_dict())
-    if latest is None:
-        return step_lib.TrainState(**host_state)
     try:
-        host_state, meta = checkpoints.restore_checkpoint(manager, latest, host_state)
+        restored = checkpoints.restore_latest(manager, host_state, run.config_json)
     except checkpoints.CheckpointMismatchError as error:
         raise config_lib.ConfigError(str(error)) from None
+    if restored is None:
+        return None, step_lib.TrainState(**host_state)
+    latest, host_state, meta = restored
     assert int(host_state["step"]) == latest, (host_state["step"], latest)
+    checkpoints.set_aside(manager, [s for s in manager.all_steps() if s > latest])
     mismatched = config_lib.resume_mismatches(meta.get("config", {}), run.config_json)
     if mismatched:
         logging.warning(
@@ -150,7 +157,7 @@ def init_or_restore(run: Run, manager, latest: int | None) -> step_lib.TrainStat
             ", ".join(mismatched),
         )
     logging.info("Resumed from checkpoint at step %d", latest)
-    return step_lib.TrainState(**host_state)
+    return latest, step_lib.TrainState(**host_state)
 
 
 def _format_duration(seconds: float) -> str:
@@ -316,32 +323,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is not finite and ``config.skip_nonfinite_steps`` is False.
     """
     run = setup(config, workdir)
-    manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
-    writer = None
-    try:
+    with contextlib.ExitStack() as held:
+        _hold_workdir(held, run)
+        # From here on SIGTERM / SIGINT stop the run at the end of a step, with a checkpoint.
+        stop = held.enter_context(preemption.StopSignals())
+        manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
+        held.callback(manager.close)
+        # Saves still being written finish before the run returns (or dies of an exception).
+        held.callback(manager.wait_until_finished)
         latest = manager.latest_step()
         start_step = 0 if latest is None else latest
         # Opened before anything is compiled, so that a bad data config stops the run at start.
         batches = open_batches(run, start_step)
         write_run_config(run)
-        state = step_lib.replicate(init_or_restore(run, manager, latest), run.devices)
+        restored_step, state = init_or_restore(run, manager)
+        if restored_step != latest:  # the newest checkpoints were damaged
+            start_step = 0 if restored_step is None else restored_step
+            batches = open_batches(run, start_step)
+        state = step_lib.replicate(state, run.devices)
         _log_start(run)
-        writer = metrics.MetricWriter(workdir, enabled=run.is_chief, resumed_at=latest)
+        writer = metrics.MetricWriter(workdir, enabled=run.is_chief, resumed_at=restored_step)
+        held.callback(writer.close)
         step_metrics = StepMetrics(run, writer, manager.latest_step, start_step)
-        state, knn = _train_loop(run, manager, writer, step_metrics, state, batches, start_step)
+        state, knn = _train_loop(
+            run, manager, writer, step_metrics, state, batches, start_step, stop
+        )
         if knn is None:  # nothing left to train (a finished run): still report the accuracy
             feature_fn = features.make_feature_fn(run.built.model, run.devices)
             step_metrics.final.update(run_knn(run, feature_fn, state, writer, start_step))
         return step_metrics.final
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        if writer is not None:
-            writer.close()
 
 
-def _train_loop(run, manager, writer, step_metrics, state, batches, start_step):
-    """Steps ``start_step + 1 .. total``; returns the state and the last kNN result (or None)."""
+def _hold_workdir(held: contextlib.ExitStack, run: Run) -> None:
+    """Process 0 takes the workdir lock (locks.hold_workdir) for the rest of ``held``; every
+    process stops with WorkdirInUseError when it cannot."""
+    error = None
+    if run.is_chief:
+        try:
+            held.enter_context(locks.hold_workdir(run.workdir))
+        except locks.WorkdirInUseError as refused:
+            error = refused
+    if not distributed.all_processes_agree(error is None):
+        raise error or locks.WorkdirInUseError(
+            f"workdir {run.workdir} is in use by another run (process 0 could not lock it)"
+        )
+
+
+def _train_loop(run, manager, writer, step_metrics, state, batches, start_step, stop):
+    """Steps ``start_step + 1 .. total``; returns the state and the last kNN result (or None).
+
+    Raises preemption.StopRequested after saving the step at which ``stop`` (a
+    preemption.StopSignals) asks to stop."""
     config, total = run.config, run.built.total_steps
     feature_fn = features.make_feature_fn(run.built.model, run.devices)
     knn = None
@@ -360,10 +392,15 @@ def _train_loop(run, manager, writer, step_metrics, state, batches, start_step):
             step_metrics.flush(step)
         if epoch_due:
             step_metrics.write_epoch_theory(step)
-        if checkpoint_due:
+        stopping = step < total and stop.should_stop(step)
+        if stopping and not checkpoint_due:
+            step_metrics.flush(step)
+        if checkpoint_due or stopping:
             host = step_lib.first_replica_to_host(state.to_dict())
             meta = {"step": step, "config": run.config_json}
             checkpoints.save_checkpoint(manager, step, host, meta)
+        if stopping:
+            raise preemption.StopRequested(step, stop.received, str(manager.directory))
         if eval_due:
             knn = run_knn(run, feature_fn, state, writer, step)
             step_metrics.final.update(knn)

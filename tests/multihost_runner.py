@@ -5,7 +5,7 @@ At the end it writes ``$HSCL_TEST_RECORDS/process_<id>.json``:
 
 - ``reads``: for each ``"<stream>:<split>"`` (stream: train_iterator or eval_iterator), the
   example indices of every read of that split's images (each ``images[indices]`` it does);
-- ``writes``: paths this process opened for writing (Python-level opens), and ``pid``.
+- ``writes``: paths this process opened for writing or renamed onto (Python-level), and ``pid``.
 
 ``HSCL_TEST_KILL_AT_STEP=n``: SIGKILL this process right after it started saving step n.
 """
@@ -53,10 +53,18 @@ def _recording_split_arrays(info, data_config, split):
 pipeline._split_arrays = _recording_split_arrays
 
 
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+
 def _audit(event, args):
-    if event == "open" and isinstance(args[0], str) and args[1] is not None:
-        if any(flag in args[1] for flag in "wax+"):
-            _writes.append(os.path.abspath(args[0]))
+    if event == "open" and isinstance(args[0], str):
+        path, mode, flags = args
+        if (mode is not None and any(c in mode for c in "wax+")) or (
+            mode is None and flags & _WRITE_FLAGS
+        ):
+            _writes.append(os.path.abspath(path))
+    elif event == "os.rename":  # os.rename and os.replace: the file written under a temporary name
+        _writes.append(os.path.abspath(os.fsdecode(args[1])))
 
 
 sys.addaudithook(_audit)

@@ -15,6 +15,7 @@ LAYERS = {
     # Process-level utilities, below everything (the data package builds datasets under a lock).
     "locks": -1,
     "distributed": 0,
+    "preemption": 0,
     "losses": 0,
     "models": 0,
     "data": 0,

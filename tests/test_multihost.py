@@ -165,7 +165,7 @@ def test_only_process_0_writes_metrics_tensorboard_and_config(runs):
             if p.startswith(workdir + os.sep)
         }
 
-    assert {"metrics.jsonl", "config.json"} <= written(0)
+    assert {"metrics.jsonl", "config.json", "run.lock"} <= written(0)
     assert written(1) == set()
     # TensorBoard event files carry the writer's pid in their name.
     (events,) = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
