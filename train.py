@@ -10,11 +10,13 @@ or SIGINT stops the run after the current step with a checkpoint of it, and exit
 import logging as std_logging
 import os
 import sys
+import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hscl_jax import checkpoints, locks, preemption, trainer
+from hscl_jax import checkpoints, distributed, locks, preemption, trainer
 from hscl_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,6 +50,12 @@ def main(argv):
         # Bad config, non-finite training, dataset not prepared, no usable checkpoint, workdir in
         # use by another run: the message says it all.
         sys.exit(f"error: {error}")
+    except Exception:
+        if jax.distributed.is_initialized():
+            # Failing alone: stop now so that the other processes are stopped too.
+            traceback.print_exc()
+            distributed.exit_without_waiting(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -106,6 +106,16 @@ def _copy_prefixed(stream, prefix: str, lock: threading.Lock) -> None:
     stream.close()
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: ask Linux to SIGKILL it when the launcher dies (even by SIGKILL),
+    so that no orphan waits forever in a collective."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 @dataclasses.dataclass
 class _Child:
     process_id: int
@@ -155,6 +165,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         copier = threading.Thread(
             target=_copy_prefixed, args=(popen.stdout, f"[{process_id}] ", lock), daemon=True

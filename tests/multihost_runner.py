@@ -7,7 +7,10 @@ At the end it writes ``$HSCL_TEST_RECORDS/process_<id>.json``:
   example indices of every read of that split's images (each ``images[indices]`` it does);
 - ``writes``: paths this process opened for writing or renamed onto (Python-level), and ``pid``.
 
-``HSCL_TEST_KILL_AT_STEP=n``: SIGKILL this process right after it started saving step n.
+``HSCL_TEST_KILL_AT_STEP=n``: SIGKILL this process right after it started saving step n (only
+process ``HSCL_TEST_ONLY_PROCESS`` when that is set).
+``HSCL_TEST_SIGTERM_AT_STEP=n``: send SIGTERM to this process after step n, as a preemption notice
+arriving then (only process ``HSCL_TEST_ONLY_PROCESS`` when that is set).
 """
 
 import atexit
@@ -19,7 +22,7 @@ import sys
 
 import numpy as np
 
-from hscl_jax import checkpoints
+from hscl_jax import checkpoints, preemption
 from hscl_jax.data import pipeline
 
 _records_dir = os.environ["HSCL_TEST_RECORDS"]
@@ -69,16 +72,34 @@ def _audit(event, args):
 
 sys.addaudithook(_audit)
 
+
+def _chosen(step: int, at: str) -> bool:
+    """Whether this process is to act at ``step`` (environment variable ``at``)."""
+    import jax
+
+    only = os.environ.get("HSCL_TEST_ONLY_PROCESS")
+    return step == int(os.environ[at]) and (only is None or int(only) == jax.process_index())
+
+
 if "HSCL_TEST_KILL_AT_STEP" in os.environ:
-    _kill_at = int(os.environ["HSCL_TEST_KILL_AT_STEP"])
     _save = checkpoints.save_checkpoint
 
     def _save_then_die(manager, step, host_state, meta):
         _save(manager, step, host_state, meta)
-        if step == _kill_at:
+        if _chosen(step, "HSCL_TEST_KILL_AT_STEP"):
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoints.save_checkpoint = _save_then_die
+
+if "HSCL_TEST_SIGTERM_AT_STEP" in os.environ:
+    _should_stop = preemption.StopSignals.should_stop
+
+    def _sigterm_then_check(self, step):
+        if _chosen(step, "HSCL_TEST_SIGTERM_AT_STEP"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _should_stop(self, step)
+
+    preemption.StopSignals.should_stop = _sigterm_then_check
 
 
 def _dump_records():

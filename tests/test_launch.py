@@ -1,6 +1,7 @@
 """hscl_jax.launch (several processes of one job on this machine) and hscl_jax.distributed."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -254,3 +255,68 @@ def test_mapped_devices_of_one_process_are_its_first_local_devices():
 
     assert distributed.mapped_devices(3) == jax.local_devices()[:3]
     assert distributed.mapped_devices(jax.local_device_count()) == jax.devices()
+
+
+_RAISING_JOB = """
+import time
+import jax, jax.numpy as jnp
+from ml_collections import ConfigDict
+from hscl_jax import distributed
+distributed.maybe_initialize(ConfigDict({"distributed": False}))
+total = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
+class FailsAlone(Exception):
+    pass
+try:
+    for call in range(100_000):
+        total(jnp.ones((jax.local_device_count(),))).block_until_ready()
+        if call == 20 and jax.process_index() == 1:
+            raise FailsAlone()
+        time.sleep(0.01)
+except FailsAlone:
+    distributed.exit_without_waiting(1)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_failing_alone_without_waiting_stops_the_other_within_the_heartbeat(tmp_path):
+    heartbeat = 3
+    script = _script(tmp_path, _RAISING_JOB)
+    status, output, _ = _launch(
+        [
+            "--num_processes=2",
+            f"--heartbeat_timeout_seconds={heartbeat}",
+            "--grace_seconds=60",
+            "--",
+            script,
+        ]
+    )
+    assert status == 1, output
+    (delay,) = re.findall(
+        r"launch: process 0 ended with killed by SIGABRT, ([\d.]+) s after", output
+    )
+    # Without exit_without_waiting, process 1 would wait 300 s in JAX's shutdown barrier.
+    assert float(delay) < heartbeat + 5, output
+
+
+def test_processes_die_with_a_killed_launcher(tmp_path):
+    script = _script(
+        tmp_path,
+        """
+        import os, time
+        print("pid", os.getpid(), flush=True)
+        time.sleep(60)
+        """,
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "hscl_jax.launch", "--num_processes=2", "--", script],
+        env=dict(os.environ, PYTHONPATH=_REPO),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pids = [int(launcher.stdout.readline().split()[-1]) for _ in range(2)]
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from hscl_jax import checkpoints, data
+from hscl_jax import checkpoints, data, preemption
 from hscl_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,3 +194,52 @@ def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, t
     expected, actual = _restore(runs["two"], NUM_STEPS), _restore(killed, NUM_STEPS)
     for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
         np.testing.assert_array_equal(a, e)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exact(runs, tmp_path):
+    stopped = str(tmp_path / "stopped")
+    signal_at = int(0.6 * NUM_STEPS)
+    result = _run(
+        tmp_path / "jax_cache",
+        stopped,
+        processes=2,
+        env_extra={"HSCL_TEST_SIGTERM_AT_STEP": str(signal_at), "HSCL_TEST_ONLY_PROCESS": "1"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == preemption.EXIT_STATUS, output[-5000:]
+    # JAX's preemption sync picks the first step both can still stop after: the same for both.
+    stops = {
+        int(m.group(1)): int(m.group(2))
+        for m in re.finditer(r"\[(\d)\] stopped by SIGTERM after step (\d+): checkpoint", output)
+    }
+    assert sorted(stops) == [0, 1], output[-5000:]
+    assert stops[0] == stops[1] and signal_at <= stops[0] < NUM_STEPS, stops
+    assert checkpoints.checkpoint_steps(stopped)[-1] == stops[0]
+
+    result = _run(tmp_path / "jax_cache", stopped, processes=2)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert f"Resumed from checkpoint at step {stops[0]}" in output
+    expected, actual = _restore(runs["two"], NUM_STEPS), _restore(stopped, NUM_STEPS)
+    for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_a_process_dying_alone_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+    heartbeat = 10
+    result = _run(
+        tmp_path / "jax_cache",
+        str(tmp_path / "run"),
+        processes=2,
+        env_extra={"HSCL_TEST_KILL_AT_STEP": "12", "HSCL_TEST_ONLY_PROCESS": "1"},
+        # Longer than the heartbeat timeout: process 0 must stop on its own, not by the launcher.
+        launch_flags=(f"--heartbeat_timeout_seconds={heartbeat}", "--grace_seconds=120"),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + 9, output[-5000:]
+    assert "launch: process 1 failed (killed by SIGKILL)" in output
+    (summary,) = re.findall(r"launch: process 0 ended with (.*), ([\d.]+) s after", output)
+    assert summary[0] == "killed by SIGABRT", output[-5000:]
+    assert float(summary[1]) < heartbeat + 10, output[-5000:]
+    # JAX's reason, in process 0's output.
+    assert "another task died" in output
