@@ -19,6 +19,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 import numpy as np
 
@@ -97,6 +98,9 @@ if "HSCL_TEST_SIGTERM_AT_STEP" in os.environ:
     def _sigterm_then_check(self, step):
         if _chosen(step, "HSCL_TEST_SIGTERM_AT_STEP"):
             os.kill(os.getpid(), signal.SIGTERM)
+            # Time for JAX's preemption sync to agree on a step while the others wait for this
+            # process in their next collective (it took ~0.6 s, 6 steps, without the pause).
+            time.sleep(2)
         return _should_stop(self, step)
 
     preemption.StopSignals.should_stop = _sigterm_then_check
