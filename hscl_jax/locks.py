@@ -29,7 +29,7 @@ def _is_local(path: str) -> bool:
 
 
 def _holder_description() -> dict[str, object]:
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
 
 

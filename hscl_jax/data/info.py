@@ -28,6 +28,9 @@ class DatasetInfo:
       train_split, test_split: TFDS split names used for training and for evaluation.
       num_train, num_test: number of examples in those splits (of the real, non-mocked data).
       grayscale: True when colour augmentations (jitter, random grayscale) make no sense.
+      variable_size: True when the stored images differ in size (e.g. ImageNet): each is then
+        decoded on the host with its shorter side resized to image_size and centre-cropped to
+        image_size x image_size (uint8), so that everything downstream sees one shape.
     """
 
     name: str
@@ -42,6 +45,7 @@ class DatasetInfo:
     num_train: int
     num_test: int
     grayscale: bool
+    variable_size: bool = False
 
 
 _DATASETS = {
