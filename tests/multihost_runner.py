@@ -4,7 +4,7 @@ Used by tests/test_multihost.py, once per process (through python -m hscl_jax.la
 At the end it writes ``$HSCL_TEST_RECORDS/process_<id>.json``:
 
 - ``reads``: for each ``"<stream>:<split>"`` (stream: train_iterator or eval_iterator), the
-  example indices of every read of that split's images (each ``images[indices]`` it does);
+  example indices of every batch slice this process read from that split's records;
 - ``writes``: paths this process opened for writing or renamed onto (Python-level), and ``pid``.
 
 ``HSCL_TEST_KILL_AT_STEP=n``: SIGKILL this process right after it started saving step n (only
@@ -24,37 +24,38 @@ import time
 import numpy as np
 
 from hscl_jax import checkpoints, preemption
-from hscl_jax.data import pipeline
+from hscl_jax.data import grain_source, pipeline
 
 _records_dir = os.environ["HSCL_TEST_RECORDS"]
 _reads: dict[str, list[list[int]]] = {}
 _writes: list[str] = []
 
 
-class _RecordingImages(np.ndarray):
-    """A split's images that note the indices of every fancy-indexed read."""
-
-    def __getitem__(self, key):
-        if isinstance(key, np.ndarray) and key.ndim == 1 and self.stream is not None:
-            _reads.setdefault(self.stream, []).append(key.tolist())
-        result = super().__getitem__(key)
-        return result.view(np.ndarray) if isinstance(result, np.ndarray) else result
-
-    def __array_finalize__(self, obj):
-        self.stream = getattr(obj, "stream", None)
+_split_of_records: dict[int, str] = {}
+_open_tfds = pipeline._open_tfds
 
 
-_split_arrays = pipeline._split_arrays
+def _recording_open_tfds(info, data_config, split):
+    records, decode = _open_tfds(info, data_config, split)
+    _split_of_records[id(records)] = split
+    return records, decode
 
 
-def _recording_split_arrays(info, data_config, split):
-    images, labels = _split_arrays(info, data_config, split)
-    recording = images.view(_RecordingImages)
-    recording.stream = f"{sys._getframe(1).f_code.co_name}:{split}"
-    return recording, labels
+_read_examples = grain_source.read_examples
 
 
-pipeline._split_arrays = _recording_split_arrays
+def _recording_read_examples(records, indices, decode=None):
+    reader = sys._getframe(1).f_code.co_qualname
+    stream = "train_iterator" if reader.startswith("TrainBatchReader") else "eval_iterator"
+    split = _split_of_records.get(id(records))
+    _reads.setdefault(f"{stream}:{split}", []).append(np.asarray(indices).tolist())
+    return _read_examples(records, indices, decode)
+
+
+# The pipeline reads a process's slice of a batch through these two (decoding in this process:
+# the tiny configs keep data.decode_workers at 0).
+pipeline._open_tfds = _recording_open_tfds
+grain_source.read_examples = _recording_read_examples
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
