@@ -20,14 +20,16 @@ if ! "$PYTHON" --version >/dev/null 2>&1 && command -v pyenv >/dev/null; then
 fi
 VENV="${VENV:-$(mktemp -d)/venv}"
 NEWEST=(jax jaxlib flax optax chex orbax-checkpoint ml-collections numpy)
-# The tests that need only the core install: the losses, models, optimisers, train step (pmap over
-# 1 and 8 devices, shard_map), evaluators and packaging; the few of them that train on digits skip
-# without TFDS.
+# The tests that need only the core install: the losses, models, theory checks, optimisers, train
+# step (pmap over 1 and 8 devices, shard_map), metric files, evaluators and packaging; the few of
+# them that train on digits skip without TFDS.
 TESTS=(
   tests/test_losses.py
   tests/test_models.py
+  tests/test_theory.py
   tests/test_optim.py
   tests/test_step.py
+  tests/test_metrics.py
   tests/test_evaluate.py
   tests/test_packaging.py
 )

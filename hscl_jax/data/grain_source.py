@@ -126,6 +126,17 @@ class EvalBatchReader:
         return {"image": images, "label": labels, "mask": mask}
 
 
+def import_grain():
+    """Imports grain, or says in one line how to install it."""
+    try:
+        import grain
+    except ImportError:
+        raise ImportError(
+            "Reading TFDS datasets needs the grain package: pip install 'hscl_jax[data]'."
+        ) from None
+    return grain
+
+
 def check_decode_workers(decode_workers: int) -> None:
     """Raises ValueError (one line, with the fix) when Grain cannot start its worker processes."""
     if decode_workers < 0:
@@ -159,8 +170,7 @@ def batch_loaders(
     batch (in order, `_WORKER_BUFFER_BATCHES` ahead per worker) and load() only hands it over.
     Close the iterator to stop the workers.
     """
-    import grain
-
+    grain = import_grain()
     check_decode_workers(decode_workers)
     numbers = range(start, sys.maxsize if stop is None else stop)
     batches = grain.MapDataset.range(numbers.start, numbers.stop).map(reader)

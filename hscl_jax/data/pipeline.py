@@ -126,6 +126,7 @@ def _open_tfds(info: DatasetInfo, data_config, split: str):
     """(records, decode) of a split: images of varying size come encoded, for `decode`."""
     from hscl_jax.data import tfds_source
 
+    grain_source.import_grain()  # missing packages stop the run here, not after compilation
     grain_source.check_decode_workers(data_config.decode_workers)
     records = tfds_source.open_split(
         info, data_config.data_dir, split, decode_images=not info.variable_size

@@ -41,14 +41,25 @@ def import_tensorflow():
     return tf
 
 
-def _not_prepared_message(name: str, data_dir: str | None) -> str:
+def _tfds_name(info: DatasetInfo) -> str:
+    return info.tfds_name or info.name
+
+
+def _not_prepared_message(info: DatasetInfo, data_dir: str | None) -> str:
     where = data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
     target = data_dir or "~/tensorflow_datasets"
+    name = _tfds_name(info)
+    folder = name.split("/")[0]
+    manual = (
+        f"first {info.manual_download.replace('DATA_DIR', target)} (TFDS cannot download it), then "
+        if info.manual_download
+        else ""
+    )
     return (
-        f"Dataset {name!r} is not prepared in {where}, and this pipeline never downloads. "
-        f"Prepare it as ArrayRecord on a machine with network access: `tfds build {name} "
-        f"--data_dir={target} --file_format=array_record`, then copy the {name}/ folder into "
-        f"data_dir (a local folder or gs:// bucket) on this machine."
+        f"Dataset {info.name!r} is not prepared in {where}, and this pipeline never downloads. "
+        f"Prepare it as ArrayRecord on a machine with network access: {manual}`tfds build "
+        f"{name} --data_dir={target} --file_format=array_record`, then copy the {folder}/ folder "
+        f"into data_dir (a local folder or gs:// bucket) on this machine."
     )
 
 
@@ -72,7 +83,7 @@ def _builder(info: DatasetInfo, data_dir: str | None):
         return prepare_digits(data_dir)
     if info.name.split("/")[0] == "random_images":
         import hscl_jax.data.random_images_builder  # noqa: F401  (registers the builder)
-    return tfds.builder(info.name, data_dir=data_dir)
+    return tfds.builder(_tfds_name(info), data_dir=data_dir)
 
 
 def _check_split(info: DatasetInfo, split: str) -> None:
@@ -130,9 +141,9 @@ def _cached_open(
     except (NotImplementedError, ValueError) as error:
         # TFDS reports an unprepared folder and a non-random-access format with the same error.
         if not builder.is_prepared():
-            raise DatasetNotPreparedError(_not_prepared_message(info.name, data_dir)) from None
+            raise DatasetNotPreparedError(_not_prepared_message(info, data_dir)) from None
         if isinstance(error, NotImplementedError):
-            raise DatasetFormatError(_format_message(info.name, data_dir, builder)) from None
+            raise DatasetFormatError(_format_message(_tfds_name(info), data_dir, builder)) from None
         raise
     if len(records) == 0:
         raise ValueError(f"Split {split!r} of {info.name!r} in {data_dir} holds no examples.")
