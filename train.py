@@ -5,19 +5,22 @@
 
 Running the same command again on the same --workdir resumes from the latest checkpoint. A bad
 flag, config value or workdir stops the run before training with one line on stderr and exit
-status 1.
+status 1. SIGTERM or SIGINT stops the run after the current step with a checkpoint of it, and exit
+status 75.
 """
 
 import glob
 import logging as std_logging
 import os
 import sys
+import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hscl_jax import checkpoints, distributed, locks, metrics, preemption, trainer
 from hscl_jax import config as config_lib
-from hscl_jax import metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True
@@ -75,14 +78,26 @@ def main(argv):
     logging.get_absl_handler().addFilter(_quiet_orbax_info)
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except preemption.StopRequested as stopped:
+        print(stopped, file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_STATUS)
     except (
         config_lib.ConfigError,
         metrics.WorkdirError,
         FloatingPointError,
         FileNotFoundError,
+        checkpoints.DamagedCheckpointError,
+        locks.WorkdirInUseError,
     ) as error:
-        # Bad config or workdir, non-finite training, dataset not prepared: the message says it all.
+        # Bad config or workdir, non-finite training, dataset not prepared, no usable checkpoint,
+        # workdir in use by another run: the message says it all.
         sys.exit(f"error: {error}")
+    except Exception:
+        if jax.distributed.is_initialized():
+            # Failing alone: stop now so that the other processes are stopped too.
+            traceback.print_exc()
+            distributed.exit_without_waiting(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ Cases: the small CNN on 8x8x1 digit-shaped inputs, ResNet-18 and ResNet-50 (refe
 compile time, images/s (an image = one pair of views, so 2x that many views go through the
 encoder), ms/step, and the loss's share of the step: the time of the loss forward+backward alone
 on projections of the same shape (same pmap, same axis), divided by the step time.
+
+A second table per case: the step-time hiccup of a checkpoint save in the middle of a run of steps
+(the trainer's save: the state copied to the host, then orbax, asynchronous as in the trainer, and
+synchronous for comparison): the median step, the step that saved (both timed to the end of the
+step's result), and the time the training loop spent in the save call (host copy + orbax).
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
+import tempfile
 import time
 
 import jax
 import numpy as np
 
+from hscl_jax import checkpoints, losses, models
 from hscl_jax import config as config_lib
-from hscl_jax import losses, models
 from hscl_jax import step as step_lib
 
 CASES = {
@@ -105,7 +112,13 @@ def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, be
     z1, z2 = jax.device_put((z[0], z[1]), devices[0])
     jax.block_until_ready(p_loss(z1, z2, batch_arrays["label"]))
     loss_seconds = _time(lambda: p_loss(z1, z2, batch_arrays["label"]), steps)
+    hiccups = {}
+    for mode in ("async", "sync"):
+        replicated, hiccups[mode] = save_hiccup(
+            step, replicated, batch_arrays, steps, asynchronous=mode == "async"
+        )
     return {
+        "hiccups": hiccups,
         "case": name,
         "batch": batch,
         "dtype": dtype,
@@ -114,6 +127,40 @@ def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, be
         "images_per_s": batch / step_seconds,
         "loss_ms": 1e3 * loss_seconds,
         "loss_share": loss_seconds / step_seconds,
+    }
+
+
+def save_hiccup(step, replicated, batch_arrays, steps: int, *, asynchronous: bool):
+    """(state, times in ms) of ``max(steps, 5)`` steps with a checkpoint saved after the middle
+    one, each step timed until its metrics are ready, saved as the trainer saves (host copy, then
+    orbax). ``replicated`` is donated to the steps: use the returned state."""
+    import orbax.checkpoint as ocp
+
+    num_steps = max(steps, 5)
+    save_at = num_steps // 2
+    times = []
+    with tempfile.TemporaryDirectory() as directory:
+        manager = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=asynchronous),
+        )
+        for i in range(num_steps):
+            start = time.perf_counter()
+            replicated, out = step(replicated, batch_arrays)
+            if i == save_at:
+                save_start = time.perf_counter()
+                host = step_lib.first_replica_to_host(replicated.to_dict())
+                checkpoints.save_checkpoint(manager, i, host, {"step": i})
+                save_call = time.perf_counter() - save_start
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - start)
+        manager.wait_until_finished()
+        manager.close()
+    others = times[:save_at] + times[save_at + 1 :]
+    return replicated, {
+        "median_ms": 1e3 * statistics.median(others),
+        "save_step_ms": 1e3 * times[save_at],
+        "save_call_ms": 1e3 * save_call,
     }
 
 
@@ -135,6 +182,7 @@ def main():
         f"{'loss ms':>8} {'loss share':>10}"
     )
     print(header)
+    rows = []
     for name in args.cases.split(","):
         if name not in CASES:
             raise ValueError(f"unknown case {name!r}; allowed: {', '.join(CASES)}")
@@ -146,6 +194,20 @@ def main():
             f"{result['loss_ms']:>8.2f} {100 * result['loss_share']:>9.2f}%",
             flush=True,
         )
+        rows.append(result)
+    print(
+        f"\ncheckpoint save hiccup\n{'case':<10} {'orbax':>5} {'median step ms':>14} "
+        f"{'saving step ms':>14} {'hiccup ms':>9} {'save call ms':>12}"
+    )
+    for result in rows:
+        for mode, hiccup in result["hiccups"].items():
+            print(
+                f"{result['case']:<10} {mode:>5} {hiccup['median_ms']:>14.1f} "
+                f"{hiccup['save_step_ms']:>14.1f} "
+                f"{hiccup['save_step_ms'] - hiccup['median_ms']:>9.1f} "
+                f"{hiccup['save_call_ms']:>12.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -211,7 +211,11 @@ def analyze_checkpoints(
 
     rows, written = [], {}
     for step in steps:
-        variables = checkpoints.restore_variables(workdir, step)
+        try:
+            variables = checkpoints.restore_variables(workdir, step)
+        except checkpoints.DamagedCheckpointError as error:
+            print(f"warning: {error}: skipping it", file=sys.stderr)
+            continue
         embedded = [
             (*embed(variables, batch["view1"], batch["view2"]), batch["label"]) for batch in batches
         ]
@@ -231,6 +235,12 @@ def analyze_checkpoints(
         )
     written["theory"] = write_csv(os.path.join(workdir, metrics.THEORY_CSV), rows, THEORY_COLUMNS)
 
+    if not rows:
+        raise ValueError(
+            f"no checkpoint of steps {steps} in {workdir}/checkpoints can be restored (see the "
+            "warnings above)"
+        )
+    last_step = rows[-1]["step"]  # the newest checkpoint that restored: the sweep's and embeddings'
     if list(betas):
         sweeps = [
             theory.beta_sweep(z1, z2, y, betas, temperature=temperature) for z1, z2, y in embedded
@@ -239,7 +249,7 @@ def analyze_checkpoints(
         for i, swept_beta in enumerate(sweeps[0]["beta"]):
             row = {"beta": float(swept_beta)}
             row.update({k: float(np.mean([s[k][i] for s in sweeps])) for k in SWEEP_KEYS[1:]})
-            row.update(step=steps[-1], temperature=temperature, num_batches=num_batches)
+            row.update(step=last_step, temperature=temperature, num_batches=num_batches)
             sweep_rows.append(row)
         columns = (*SWEEP_KEYS, "step", "temperature", "num_batches")
         written["beta_sweep"] = write_csv(
@@ -252,7 +262,7 @@ def analyze_checkpoints(
             config, model, variables, max_examples=max_embeddings, batch_size=eval_batch
         )
         path = os.path.join(workdir, metrics.EMBEDDINGS_NPZ)
-        np.savez(path, features=test_features, labels=test_labels, step=steps[-1])
+        np.savez(path, features=test_features, labels=test_labels, step=last_step)
         written["embeddings"] = path
     return written
 

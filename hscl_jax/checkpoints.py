@@ -16,12 +16,21 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 CHECKPOINTS_DIR = "checkpoints"
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint holds a different model/optimizer structure or shapes than the config builds."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint that cannot be read back (truncated or missing files, an emptied step)."""
+
+
+# Config entries whose change alters the train state's structure; named when a resume mismatches.
+_STATE_DEFINING = ("model", "optim")
 
 
 def checkpoint_manager(workdir: str, keep: int | None = None, *, create: bool = True):
@@ -48,38 +57,146 @@ def save_checkpoint(manager, step: int, host_state: dict, meta: dict) -> None:
     )
 
 
-def restore_checkpoint(manager, step: int, host_state_template: dict) -> tuple[dict, dict]:
+def _reason(error: BaseException) -> str:
+    """One line saying why a restore failed (orbax's messages run over many lines)."""
+    lines = str(error).strip().splitlines() or [""]
+    text = lines[0] if len(lines[0]) <= 200 else lines[0][:197] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _plain_path(path) -> tuple:
+    """A tree path with dict keys, sequence indices and attribute names alike (a namedtuple in
+    the config's state is a dict or list once saved)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _saved_leaf_paths(step_dir: str) -> list[tuple]:
+    import orbax.checkpoint as ocp
+
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+    tree = getattr(metadata, "item_metadata", metadata)
+    return sorted(_plain_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every leaf of the config that differs."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += _config_differences(old, new, name + ".")
+        elif old != new:
+            differences.append(f"{name}={old!r} in the checkpoint, {new!r} now")
+    return differences
+
+
+def _read_meta(manager, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as error:  # noqa: BLE001 - any failure to read it back is damage
+        raise DamagedCheckpointError(
+            f"checkpoint step {step} in {manager.directory} cannot be read ({_reason(error)})"
+        ) from None
+
+
+def restore_checkpoint(
+    manager, step: int, host_state_template: dict, config_json: dict | None = None
+) -> tuple[dict, dict]:
     """(state, meta) of step ``step``, restored into the structure of ``host_state_template``.
 
     Raises CheckpointMismatchError (one line) when the saved tree's structure or a leaf's shape
-    differs from the template's.
+    differs from the template's, naming the config entries (of ``config_json``, the config that
+    built the template) that differ from the checkpoint's; DamagedCheckpointError (one line) when
+    the checkpoint cannot be read back.
     """
     import orbax.checkpoint as ocp
 
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(host_state_template), meta=ocp.args.JsonRestore()
-        ),
-    )
-    state = restored["state"]
+    directory = manager.directory
+    meta = _read_meta(manager, step)
+    step_dir = os.path.join(str(directory), str(step))
+    try:
+        saved_paths = _saved_leaf_paths(step_dir)
+    except Exception as error:  # noqa: BLE001
+        raise DamagedCheckpointError(
+            f"checkpoint step {step} in {directory} cannot be read ({_reason(error)})"
+        ) from None
+    if not saved_paths:
+        raise DamagedCheckpointError(f"checkpoint step {step} in {directory} holds no state")
     template_leaves = jax.tree_util.tree_leaves_with_path(host_state_template)
-    restored_leaves = jax.tree_util.tree_leaves_with_path(state)
-    if [p for p, _ in template_leaves] != [p for p, _ in restored_leaves]:
+    expected_paths = sorted(_plain_path(p) for p, _ in template_leaves)
+    if saved_paths != expected_paths:
+        # Checked before restoring: orbax's own message is a long traceback about partial restores.
+        differences = [
+            d
+            for d in _config_differences(meta.get("config", {}), config_json or {})
+            if d.split(".")[0] in _STATE_DEFINING
+        ]
+        only_saved = sorted(set(saved_paths) - set(expected_paths))
+        only_now = sorted(set(expected_paths) - set(saved_paths))
+        example = "/".join((only_saved or only_now)[0])
+        what = "; ".join(differences) if differences else f"{example} differs"
         raise CheckpointMismatchError(
-            f"checkpoint step {step} in {manager.directory} holds a different model/optimizer "
-            "structure than this config; resume with the config it was trained with or use a new "
+            f"checkpoint step {step} in {directory} holds a different model/optimizer state than "
+            f"this config ({what}); resume with the config it was trained with or use a new "
             "workdir"
         )
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(host_state_template))
+        )
+    except Exception as error:  # noqa: BLE001
+        raise DamagedCheckpointError(
+            f"checkpoint step {step} in {directory} cannot be restored ({_reason(error)})"
+        ) from None
+    state = restored["state"]
+    restored_leaves = jax.tree_util.tree_leaves_with_path(state)
     for (path, expected), (_, actual) in zip(template_leaves, restored_leaves, strict=True):
         if np.shape(expected) != np.shape(actual):
             raise CheckpointMismatchError(
-                f"checkpoint step {step} in {manager.directory}: "
+                f"checkpoint step {step} in {directory}: "
                 f"{jax.tree_util.keystr(path)} has shape {np.shape(actual)} but this config "
                 f"needs {np.shape(expected)}; resume with the config it was trained with or use "
                 "a new workdir"
             )
-    return state, restored["meta"]
+    return state, meta
+
+
+def restore_latest(
+    manager, host_state_template: dict, config_json: dict | None = None
+) -> tuple[int, dict, dict] | None:
+    """(step, state, meta) of the newest checkpoint that restores (:func:`restore_checkpoint`),
+    or None when there is no checkpoint.
+
+    A damaged checkpoint is skipped with a warning naming its step and why; when every one is
+    damaged, DamagedCheckpointError (one line). A mismatch with the config is not skipped.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            state, meta = restore_checkpoint(manager, step, host_state_template, config_json)
+        except DamagedCheckpointError as error:
+            logging.warning("%s: skipping it", error)
+            continue
+        return step, state, meta
+    if not steps:
+        return None
+    raise DamagedCheckpointError(
+        f"no checkpoint in {manager.directory} can be restored (steps {sorted(steps)} are "
+        "damaged; see the warnings above); move them away to start afresh"
+    )
+
+
+def set_aside(manager, steps: list[int]) -> None:
+    """Renames the step directories ``steps`` to ``<step>.damaged`` (kept for inspection; orbax
+    ignores them), so that those steps can be saved again."""
+    for step in steps:
+        path = os.path.join(str(manager.directory), str(step))
+        if os.path.isdir(path):
+            os.replace(path, f"{path}.damaged")
+    manager.reload()
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -95,7 +212,11 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def restore_variables_and_step(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, model variables {"params", "batch_stats"} as host arrays) of the checkpoint at
-    ``step`` (the latest when None) of a training run directory; opens the manager once."""
+    ``step`` of a training run directory; opens the manager once.
+
+    ``step=None``: the newest checkpoint that restores; damaged ones are skipped with a warning
+    naming the step and why. A damaged ``step`` given explicitly raises DamagedCheckpointError.
+    """
     import orbax.checkpoint as ocp
 
     if not os.path.isdir(os.path.join(workdir, CHECKPOINTS_DIR)):
@@ -105,14 +226,31 @@ def restore_variables_and_step(workdir: str, step: int | None = None) -> tuple[i
         steps = sorted(int(s) for s in manager.all_steps())
         if not steps:
             raise ValueError(f"no complete checkpoint in {workdir}/checkpoints")
-        step = steps[-1] if step is None else step
-        if step not in steps:
+        if step is not None and step not in steps:
             raise ValueError(f"no checkpoint of step {step} in {workdir}/checkpoints; have {steps}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        for candidate in [step] if step is not None else steps[::-1]:
+            try:
+                restored = manager.restore(
+                    candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+                )
+                state = jax.device_get(restored["state"])
+                variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+            except Exception as error:  # noqa: BLE001 - any failure to read it back is damage
+                damaged = DamagedCheckpointError(
+                    f"checkpoint step {candidate} in {workdir}/checkpoints cannot be restored "
+                    f"({_reason(error)})"
+                )
+                if step is not None:
+                    raise damaged from None
+                logging.warning("%s: skipping it", damaged)
+                continue
+            return candidate, variables
     finally:
         manager.close()
-    state = jax.device_get(restored["state"])
-    return step, {"params": state["params"], "batch_stats": state["batch_stats"]}
+    raise DamagedCheckpointError(
+        f"no checkpoint in {workdir}/checkpoints can be restored (steps {steps} are damaged; see "
+        "the warnings above)"
+    )
 
 
 def restore_variables(workdir: str, step: int | None = None) -> dict[str, Any]:

@@ -43,8 +43,9 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
       ``data.seed`` (batch n depends only on (data.seed, n, config.data)).
     - ``global_batch_size``: images per step over all devices of all processes (each gives 2 views).
     - ``num_steps`` (> 0 wins) or ``num_epochs`` (x steps per epoch of the train split).
-    - ``num_devices``: local devices to use (None: all); ``distributed``: call
-      jax.distributed.initialize() (also when the environment sets HSCL_DISTRIBUTED=1).
+    - ``num_devices``: local devices to use (None: all); ``distributed``: True to
+      join a multi-process run (also when the environment sets HSCL_DISTRIBUTED=1; see
+      hscl_jax.distributed).
     - ``model``: ``name`` (small_cnn | resnet18 | resnet50), ``width`` (None: reference width),
       ``stage_sizes`` (ResNets; None: the named depth), ``stem`` (ResNets: cifar | imagenet),
       ``head_hidden_dim`` (512),

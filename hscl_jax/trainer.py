@@ -12,6 +12,7 @@ Layer 5: imports every earlier layer; imported by sweep.py and train.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -24,7 +25,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hscl_jax import checkpoints, data, evaluate, features, losses, metrics, models, theory
+from hscl_jax import (
+    checkpoints,
+    data,
+    distributed,
+    evaluate,
+    features,
+    locks,
+    losses,
+    metrics,
+    models,
+    preemption,
+    theory,
+)
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
 
@@ -37,13 +50,6 @@ def due(step: int, every: int, total: int) -> bool:
     """Whether something done every ``every`` steps (0: never but at the end) is due at ``step``
     of a run of ``total`` steps: at multiples of ``every`` and at the last step."""
     return step == total or (every > 0 and step % every == 0)
-
-
-def maybe_initialize_distributed(config) -> None:
-    """jax.distributed.initialize() when config.distributed or HSCL_DISTRIBUTED=1 asks for it."""
-    wanted = bool(config.get("distributed")) or os.environ.get("HSCL_DISTRIBUTED") == "1"
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +65,21 @@ class Run:
 
     @property
     def devices(self):
+        """The devices the step maps over: this process's and every other process's."""
         return self.built.devices
+
+    @property
+    def local_devices(self):
+        """This process's share of :attr:`devices` (the leading axis of its batches)."""
+        return [d for d in self.built.devices if d.process_index == jax.process_index()]
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Checks ``config`` (ConfigError before anything is written) and ``workdir`` (WorkdirError;
     created when missing) and builds the step."""
-    maybe_initialize_distributed(config)
+    distributed.maybe_initialize(config)
     config_lib.validate_config(config)
-    devices = jax.local_devices()[: config_lib.num_devices_for(config)]
+    devices = distributed.mapped_devices(config_lib.num_devices_for(config))
     built = step_lib.build_step(config, devices)
     steps_per_epoch = 0
     if built.theory_options is not None:
@@ -94,7 +106,7 @@ def open_batches(run: Run, start_step: int):
         global_batch_size=config.global_batch_size,
         seed=config.data.seed,
         start_step=start_step,
-        num_local_devices=len(run.devices),
+        num_local_devices=len(run.local_devices),
     )
     return data.prefetch_to_device(batches, size=2)
 
@@ -104,7 +116,7 @@ def write_run_config(run: Run) -> None:
     if not run.is_chief:
         return
     built = run.built
-    num_local_devices = len(run.devices)
+    num_local_devices = len(run.local_devices)
     resolved = {
         **run.config_json,
         "resolved": {
@@ -123,17 +135,21 @@ def write_run_config(run: Run) -> None:
     metrics.write_json_atomic(os.path.join(run.workdir, metrics.CONFIG_JSON), resolved)
 
 
-def init_or_restore(run: Run, manager, latest: int | None) -> step_lib.TrainState:
-    """The initial state, or the checkpoint at step ``latest`` when there is one (ConfigError
-    when its structure does not match the config's)."""
+def init_or_restore(run: Run, manager) -> tuple[int | None, step_lib.TrainState]:
+    """(step, state) of the newest checkpoint that restores, or (None, the initial state) when
+    there is none. Damaged checkpoints are skipped with a warning and set aside (renamed
+    ``<step>.damaged``); ConfigError when the checkpoint's structure does not match the config's,
+    DamagedCheckpointError when every checkpoint is damaged."""
     host_state = jax.device_get(run.built.init_state().to_dict())
-    if latest is None:
-        return step_lib.TrainState(**host_state)
     try:
-        host_state, meta = checkpoints.restore_checkpoint(manager, latest, host_state)
+        restored = checkpoints.restore_latest(manager, host_state, run.config_json)
     except checkpoints.CheckpointMismatchError as error:
         raise config_lib.ConfigError(str(error)) from None
+    if restored is None:
+        return None, step_lib.TrainState(**host_state)
+    latest, host_state, meta = restored
     assert int(host_state["step"]) == latest, (host_state["step"], latest)
+    checkpoints.set_aside(manager, [s for s in manager.all_steps() if s > latest])
     mismatched = config_lib.resume_mismatches(meta.get("config", {}), run.config_json)
     if mismatched:
         logging.warning(
@@ -143,7 +159,7 @@ def init_or_restore(run: Run, manager, latest: int | None) -> step_lib.TrainStat
             ", ".join(mismatched),
         )
     logging.info("Resumed from checkpoint at step %d", latest)
-    return step_lib.TrainState(**host_state)
+    return latest, step_lib.TrainState(**host_state)
 
 
 def _format_duration(seconds: float) -> str:
@@ -270,7 +286,7 @@ def run_knn(run: Run, feature_fn, state, writer, step: int, *, write: bool = Tru
     (every process computes it: the features are gathered across processes)."""
     start = time.time()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    result = evaluate.knn_monitor(run.config, feature_fn, variables, run.devices)
+    result = evaluate.knn_monitor(run.config, feature_fn, variables, run.local_devices)
     result["knn_seconds"] = time.time() - start
     if write:
         writer.write(step, result)
@@ -296,7 +312,7 @@ def _log_start(run: Run) -> None:
         run.built.total_steps,
         config.global_batch_size,
         jax.process_count(),
-        len(run.devices),
+        len(run.local_devices),
     )
     if run.built.theory_options is not None:
         logging.info("Theory monitor on: %s", run.built.theory_options)
@@ -313,33 +329,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ``config.skip_nonfinite_steps`` is False.
     """
     run = setup(config, workdir)
-    manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
-    writer = None
-    try:
+    with contextlib.ExitStack() as held:
+        _hold_workdir(held, run)
+        # From here on SIGTERM / SIGINT stop the run at the end of a step, with a checkpoint.
+        stop = held.enter_context(preemption.StopSignals())
+        manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
+        held.callback(manager.close)
+        # Saves still being written finish before the run returns (or dies of an exception).
+        held.callback(manager.wait_until_finished)
         latest = manager.latest_step()
         start_step = 0 if latest is None else latest
         # Opened before anything is compiled, so that a bad data config stops the run at start.
         batches = open_batches(run, start_step)
         # A resume is checked against the checkpoint before anything in the workdir changes.
-        state = init_or_restore(run, manager, latest)
+        restored_step, state = init_or_restore(run, manager)
+        if restored_step != latest:  # the newest checkpoints were damaged
+            start_step = 0 if restored_step is None else restored_step
+            batches = open_batches(run, start_step)
         write_run_config(run)
         state = step_lib.replicate(state, run.devices)
         _log_start(run)
-        writer = metrics.MetricWriter(workdir, enabled=run.is_chief, resumed_at=latest)
+        writer = metrics.MetricWriter(workdir, enabled=run.is_chief, resumed_at=restored_step)
+        held.callback(writer.close)
         step_metrics = StepMetrics(run, writer, manager.latest_step, start_step)
         feature_fn = features.make_feature_fn(run.built.model, run.devices)
         state, knn = _train_loop(
-            run, manager, writer, step_metrics, feature_fn, state, batches, start_step
+            run, manager, writer, step_metrics, feature_fn, state, batches, start_step, stop
         )
         if knn is None:  # nothing left to train (a finished run): still report the accuracy
             knn = _knn_of_finished_run(run, feature_fn, state, writer, start_step)
         step_metrics.final.update(knn)
         return step_metrics.final
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        if writer is not None:
-            writer.close()
+
+
+def _hold_workdir(held: contextlib.ExitStack, run: Run) -> None:
+    """Process 0 takes the workdir lock (locks.hold_workdir) for the rest of ``held``; every
+    process stops with WorkdirInUseError when it cannot."""
+    error = None
+    if run.is_chief:
+        try:
+            held.enter_context(locks.hold_workdir(run.workdir))
+        except locks.WorkdirInUseError as refused:
+            error = refused
+    if not distributed.all_processes_agree(error is None):
+        raise error or locks.WorkdirInUseError(
+            f"workdir {run.workdir} is in use by another run (process 0 could not lock it)"
+        )
 
 
 def _knn_of_finished_run(run: Run, feature_fn, state, writer, step: int) -> dict[str, float]:
@@ -352,8 +387,11 @@ def _knn_of_finished_run(run: Run, feature_fn, state, writer, step: int) -> dict
     return run_knn(run, feature_fn, state, writer, step, write=not recorded)
 
 
-def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, start_step):
-    """Steps ``start_step + 1 .. total``; returns the state and the last kNN result (or None)."""
+def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, start_step, stop):
+    """Steps ``start_step + 1 .. total``; returns the state and the last kNN result (or None).
+
+    Raises preemption.StopRequested after saving the step at which ``stop`` (a
+    preemption.StopSignals) asks to stop."""
     config, total = run.config, run.built.total_steps
     knn = None
     loop_start = time.time()
@@ -371,10 +409,15 @@ def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, 
             step_metrics.flush(step)
         if epoch_due:
             step_metrics.write_epoch_theory(step)
-        if checkpoint_due:
+        stopping = step < total and stop.should_stop(step)
+        if stopping and not checkpoint_due:
+            step_metrics.flush(step)
+        if checkpoint_due or stopping:
             host = step_lib.first_replica_to_host(state.to_dict())
             meta = {"step": step, "config": run.config_json}
             checkpoints.save_checkpoint(manager, step, host, meta)
+        if stopping:
+            raise preemption.StopRequested(step, stop.received, str(manager.directory))
         if eval_due:
             knn = run_knn(run, feature_fn, state, writer, step)
             step_metrics.restart_clock()  # keep evaluation out of steps/s

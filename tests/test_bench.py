@@ -43,6 +43,9 @@ def test_train_step_benchmark_prints_its_row():
     out = _run("bench/train_step.py", "--cases=small_cnn", "--steps=1", "--batch=8")
     row = r"^small_cnn\s+8" + rf"\s+{NUMBER}" * 5 + r"%\s*$"
     assert re.search(row, out, re.MULTILINE), out
+    for mode in ("async", "sync"):
+        hiccup = rf"^small_cnn\s+{mode}" + rf"\s+-?{NUMBER}" * 4 + r"\s*$"
+        assert re.search(hiccup, out, re.MULTILINE), out
 
 
 def test_pipeline_benchmark_augment_mode_prints_host_and_device_rows():

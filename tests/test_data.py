@@ -795,3 +795,18 @@ def test_images_of_varying_size_arrive_resized_and_centre_cropped(tmp_path):
     mean, std = np.array(info.mean), np.array(info.std)
     expected = np.stack([(decode(stored[i]["image"]) / 255.0 - mean) / std for i in range(16)])
     np.testing.assert_allclose(first["image"].reshape(16, 16, 16, 3), expected, atol=1e-5)
+
+
+def test_eval_slice_wholly_in_the_padding_is_all_masked():
+    """Two processes, a split shorter than one evaluation batch: process 1's slice of batch 0 has
+    no example (it used to fail stacking zero images)."""
+    from hscl_jax.data.grain_source import EvalBatchReader
+
+    records = [{"image": np.full((2, 2, 1), i + 1, np.uint8), "label": i} for i in range(3)]
+    first = EvalBatchReader(records, batch_size=8, host_start=0, host_stop=4)(0)
+    second = EvalBatchReader(records, batch_size=8, host_start=4, host_stop=8)(0)
+    assert first["mask"].tolist() == [True, True, True, False]
+    assert first["label"].tolist() == [0, 1, 2, 0]
+    assert not second["mask"].any()
+    assert second["image"].shape == (4, 2, 2, 1) and not second["image"].any()
+    assert second["label"].tolist() == [0, 0, 0, 0]

@@ -12,6 +12,10 @@ PACKAGE = os.path.join(REPO, "hscl_jax")
 
 # module (relative to hscl_jax, "data" = the whole subpackage) -> layer
 LAYERS = {
+    # Process-level utilities, below everything (the data package builds datasets under a lock).
+    "locks": -1,
+    "distributed": 0,
+    "preemption": 0,
     "losses": 0,
     "models": 0,
     "data": 0,
@@ -27,6 +31,7 @@ LAYERS = {
     "analysis": 4,
     "trainer": 5,
     "sweep": 6,
+    "launch": 6,
 }
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from hscl_jax import checkpoints, data, losses, models, theory, trainer
+from hscl_jax import checkpoints, data, locks, losses, models, theory, trainer
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
 
@@ -36,11 +36,14 @@ def _checkpoint_steps(workdir):
 
 
 def _snapshot(workdir):
-    """{path: (mtime, bytes)} of every file below ``workdir``."""
+    """{path: (mtime, bytes)} of every file below ``workdir`` but the workdir lock (which every
+    run takes, writing its own pid into it)."""
     files = {}
     for root, _, names in os.walk(workdir):
         for name in names:
             path = os.path.join(root, name)
+            if path == os.path.join(workdir, locks.WORKDIR_LOCK_NAME):
+                continue
             with open(path, "rb") as f:
                 files[os.path.relpath(path, workdir)] = (os.stat(path).st_mtime_ns, f.read())
     return files

@@ -9,9 +9,12 @@ build of this version in another file format.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from hscl_jax import locks
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -113,24 +116,32 @@ def prepare_digits(data_dir: str | None) -> Digits:
         formats = {f.value for f in builder.info.available_file_formats()}
         if DIGITS_FILE_FORMAT in formats:
             return builder
-        logging.warning(
-            "digits in %s is stored as %s, not %s (needed for random access): rebuilding it.",
-            builder.data_path,
-            ", ".join(sorted(formats)),
-            DIGITS_FILE_FORMAT,
-        )
-        builder.data_path.rmtree()
+    # Processes of one multi-process run (or test workers) sharing a data_dir would otherwise
+    # build it at the same time, and all but the first fail renaming their copy into place.
+    with locks.exclusive(os.path.join(os.path.dirname(builder.data_dir), "prepare.lock")):
         builder = Digits(data_dir=data_dir)
-    else:
-        folder = builder.data_path.parent
-        older = [path.name for path in folder.glob("*") if _is_older_version(path.name)]
-        if older:
-            logging.info(
-                "Found digits %s in %s written by an earlier hscl_jax (TFRecord); building "
-                "version %s (ArrayRecord) next to it. The old folder can be deleted.",
-                ", ".join(sorted(older)),
-                folder,
-                Digits.VERSION,
+        if builder.is_prepared():
+            formats = {f.value for f in builder.info.available_file_formats()}
+            if DIGITS_FILE_FORMAT in formats:
+                return builder  # built by another process while this one waited
+            logging.warning(
+                "digits in %s is stored as %s, not %s (needed for random access): rebuilding it.",
+                builder.data_path,
+                ", ".join(sorted(formats)),
+                DIGITS_FILE_FORMAT,
             )
-    builder.download_and_prepare(**_build_options())
+            builder.data_path.rmtree()
+            builder = Digits(data_dir=data_dir)
+        else:
+            folder = builder.data_path.parent
+            older = [path.name for path in folder.glob("*") if _is_older_version(path.name)]
+            if older:
+                logging.info(
+                    "Found digits %s in %s written by an earlier hscl_jax (TFRecord); building "
+                    "version %s (ArrayRecord) next to it. The old folder can be deleted.",
+                    ", ".join(sorted(older)),
+                    folder,
+                    Digits.VERSION,
+                )
+        builder.download_and_prepare(**_build_options())
     return builder

@@ -107,8 +107,17 @@ class EvalBatchReader:
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         positions = batch * self.batch_size + np.arange(self.host_start, self.host_stop)
         mask = positions < len(self.records)
-        examples = read_examples(self.records, positions[mask], self.decode)
         host_batch = self.host_stop - self.host_start
+        if not mask.any():
+            # This process's slice of the last batch is all padding (a split shorter than the
+            # batch, several processes): one record gives the image shape.
+            first = read_examples(self.records, np.zeros(1, np.int64), self.decode)["image"]
+            return {
+                "image": np.zeros((host_batch, *first.shape[1:]), np.uint8),
+                "label": np.zeros(host_batch, np.int32),
+                "mask": mask,
+            }
+        examples = read_examples(self.records, positions[mask], self.decode)
         images = np.zeros((host_batch, *examples["image"].shape[1:]), np.uint8)
         labels = np.zeros(host_batch, np.int32)
         # Padding only ever follows the last example, so the real rows come first.

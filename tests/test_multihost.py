@@ -1,0 +1,252 @@
+"""Two processes x 4 devices (python -m hscl_jax.launch, gloo on CPU) against one process x 8
+devices: the same run, read, evaluated and checkpointed as one.
+
+Every run goes through tests/multihost_runner.py, which records what each process read and wrote.
+"""
+
+import collections
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hscl_jax import checkpoints, data, preemption
+from hscl_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(REPO, "tests", "multihost_runner.py")
+NUM_STEPS = 20
+GLOBAL_BATCH = 16
+
+_TINY_FLAGS = [
+    "--config=configs/default.py",
+    "--config.model.width=4",
+    "--config.model.head_hidden_dim=16",
+    "--config.model.projection_dim=8",
+    f"--config.global_batch_size={GLOBAL_BATCH}",
+    f"--config.num_steps={NUM_STEPS}",
+    "--config.checkpoint_every_steps=4",
+    "--config.log_every_steps=4",
+    "--config.eval_every_steps=0",
+    "--config.knn.k=10",
+    "--config.knn.eval_batch_size=256",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cache_dir, workdir, *, processes, env_extra=None, launch_flags=()):
+    """train.py through the recording runner on 1 process x 8 devices or 2 x 4."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=REPO,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        HSCL_TEST_RECORDS=f"{workdir}_records",
+    )
+    env.update(env_extra or {})
+    command = [RUNNER, f"--workdir={workdir}", *_TINY_FLAGS]
+    if processes > 1:
+        command = [
+            "-m",
+            "hscl_jax.launch",
+            f"--num_processes={processes}",
+            f"--devices_per_process={8 // processes}",
+            *launch_flags,
+            "--",
+            *command,
+        ]
+    return subprocess.run(
+        [sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _records(workdir):
+    records = {}
+    for path in glob.glob(f"{workdir}_records/process_*.json"):
+        with open(path) as f:
+            records[int(re.search(r"process_(\d+)", path).group(1))] = json.load(f)
+    return records
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _restore(workdir, step):
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{"one": workdir of 1 process x 8 devices, "two": of 2 processes x 4 devices}."""
+    root = tmp_path_factory.mktemp("multihost")
+    workdirs = {"one": str(root / "one"), "two": str(root / "two")}
+    for name, processes in (("one", 1), ("two", 2)):
+        result = _run(root / "jax_cache", workdirs[name], processes=processes)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return workdirs
+
+
+def test_two_processes_end_with_the_parameters_of_one(runs):
+    one, two = _restore(runs["one"], NUM_STEPS), _restore(runs["two"], NUM_STEPS)
+    assert int(two["step"]) == NUM_STEPS
+    leaves = zip(
+        jax.tree_util.tree_leaves_with_path(one),
+        jax.tree_util.tree_leaves_with_path(two),
+        strict=True,
+    )
+    for (path, expected), (_, actual) in leaves:
+        np.testing.assert_allclose(
+            actual, expected, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def test_the_logged_metrics_and_knn_accuracy_match_one_process(runs):
+    one, two = _metrics(runs["one"]), _metrics(runs["two"])
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for expected, actual in zip(one, two, strict=True):
+        for key in ("loss", "num_anchors", "knn_top1", "knn_top5"):
+            if key in expected:
+                np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, err_msg=key)
+    # The kNN monitor saw every train and test example once, from both processes.
+    assert two[-1]["knn_top1"] == one[-1]["knn_top1"]
+
+
+def test_each_process_reads_only_its_slice_of_every_global_batch(runs):
+    records = _records(runs["two"])
+    assert sorted(records) == [0, 1]
+    config = config_lib.load_config(runs["two"])
+    info = data.dataset_info("digits")
+    assert config.data.sampler == "shuffle"  # the plan needs no labels
+    num_train = data.pipeline._num_examples(info, config.data, "train")
+    indexer = data.pipeline._indexer(config.data, num_train, None, GLOBAL_BATCH, config.data.seed)
+    half = GLOBAL_BATCH // 2
+    for process, record in records.items():
+        reads = record["reads"]["train_iterator:train"]
+        # Every read is this process's half of one step's global batch (the pipeline reads
+        # ahead, so a few steps past the last one are read too), and every step was read.
+        steps_read = set()
+        for indices in reads:
+            step = next(
+                s
+                for s in range(NUM_STEPS + 64)
+                if indexer(s)[process * half : (process + 1) * half].tolist() == indices
+            )
+            steps_read.add(step)
+        assert len(reads) == len(steps_read)
+        assert steps_read >= set(range(NUM_STEPS))
+    # The kNN monitor's reads: each test example by exactly one process (a process whose slice
+    # of the last batch is all padding reads record 0 once more, for the image shape).
+    test_reads = [np.concatenate(r["reads"]["eval_iterator:test"]) for r in records.values()]
+    num_test = data.pipeline._num_examples(info, config.data, "test")
+    read_once = np.concatenate(test_reads)
+    counts = collections.Counter(read_once.tolist())
+    assert sorted(counts) == list(range(num_test))
+    assert all(count == 1 for index, count in counts.items() if index != 0), counts
+    assert counts[0] <= 2
+
+
+def test_only_process_0_writes_metrics_tensorboard_and_config(runs):
+    workdir = os.path.abspath(runs["two"])
+    records = _records(runs["two"])
+
+    def written(process):
+        return {
+            os.path.relpath(p, workdir)
+            for p in records[process]["writes"]
+            if p.startswith(workdir + os.sep)
+        }
+
+    assert {"metrics.jsonl", "config.json", "run.lock"} <= written(0)
+    # Every process checks that the workdir is writable (metrics.prepare_workdir) with a file it
+    # removes at once, so that a bad workdir stops all of them alike; nothing else.
+    assert {name for name in written(1) if not name.startswith(".write_probe_")} == set()
+    # TensorBoard event files carry the writer's pid in their name.
+    (events,) = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert events.endswith(f".{records[0]['pid']}.0")
+
+
+def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, tmp_path):
+    killed = str(tmp_path / "killed")
+    kill_at = int(0.6 * NUM_STEPS)
+    result = _run(
+        tmp_path / "jax_cache",
+        killed,
+        processes=2,
+        env_extra={"HSCL_TEST_KILL_AT_STEP": str(kill_at)},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + 9, output[-5000:]
+    steps = checkpoints.checkpoint_steps(killed)
+    assert steps and steps[-1] in (kill_at - 4, kill_at), steps
+    result = _run(tmp_path / "jax_cache", killed, processes=2)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    for process in (0, 1):
+        assert f"[{process}] " in output
+        assert re.search(rf"\[{process}\] .*Resumed from checkpoint at step {steps[-1]}", output)
+    expected, actual = _restore(runs["two"], NUM_STEPS), _restore(killed, NUM_STEPS)
+    for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exact(runs, tmp_path):
+    stopped = str(tmp_path / "stopped")
+    signal_at = int(0.6 * NUM_STEPS)
+    result = _run(
+        tmp_path / "jax_cache",
+        stopped,
+        processes=2,
+        env_extra={"HSCL_TEST_SIGTERM_AT_STEP": str(signal_at), "HSCL_TEST_ONLY_PROCESS": "1"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == preemption.EXIT_STATUS, output[-5000:]
+    # JAX's preemption sync picks the first step both can still stop after: the same for both.
+    stops = {
+        int(m.group(1)): int(m.group(2))
+        for m in re.finditer(r"\[(\d)\] stopped by SIGTERM after step (\d+): checkpoint", output)
+    }
+    assert sorted(stops) == [0, 1], output[-5000:]
+    assert stops[0] == stops[1] and signal_at <= stops[0] < NUM_STEPS, stops
+    assert checkpoints.checkpoint_steps(stopped)[-1] == stops[0]
+
+    result = _run(tmp_path / "jax_cache", stopped, processes=2)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert f"Resumed from checkpoint at step {stops[0]}" in output
+    expected, actual = _restore(runs["two"], NUM_STEPS), _restore(stopped, NUM_STEPS)
+    for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_a_process_dying_alone_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+    heartbeat = 10
+    result = _run(
+        tmp_path / "jax_cache",
+        str(tmp_path / "run"),
+        processes=2,
+        env_extra={"HSCL_TEST_KILL_AT_STEP": "12", "HSCL_TEST_ONLY_PROCESS": "1"},
+        # Longer than the heartbeat timeout: process 0 must stop on its own, not by the launcher.
+        launch_flags=(f"--heartbeat_timeout_seconds={heartbeat}", "--grace_seconds=120"),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + 9, output[-5000:]
+    assert "launch: process 1 failed (killed by SIGKILL)" in output
+    (summary,) = re.findall(r"launch: process 0 ended with (.*), ([\d.]+) s after", output)
+    assert summary[0] == "killed by SIGABRT", output[-5000:]
+    assert float(summary[1]) < heartbeat + 10, output[-5000:]
+    # JAX's reason, in process 0's output.
+    assert "another task died" in output
