@@ -66,6 +66,11 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
       metrics and as epoch means). ``enabled`` (False: the step is compiled without it),
       ``beta`` (None: config.loss.beta when the loss takes a beta, else 1.0), ``temperature``
       (None: config.loss.temperature).
+    - ``queue``: a labelled queue of negatives beyond the batch (MoCo-style keys from a momentum
+      encoder; hscl_jax.step). ``size`` (K keys; 0: off, the default, and then the step, state
+      and checkpoints are exactly those without a queue), ``momentum`` (EMA rate of the momentum
+      encoder's params and BatchNorm statistics, in [0, 1)), ``as_positives`` (supervised losses:
+      same-label queue rows are also positives).
     """
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -127,6 +132,11 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     config.theory.enabled = False
     config.theory.beta = config_dict.placeholder(float)
     config.theory.temperature = config_dict.placeholder(float)
+
+    config.queue = ml_collections.ConfigDict()
+    config.queue.size = 0
+    config.queue.momentum = 0.99
+    config.queue.as_positives = False
     return config
 
 
@@ -168,6 +178,28 @@ def theory_monitor_options(config) -> dict[str, float] | None:
     if theory is None or not theory.get("enabled"):
         return None
     return theory_hyperparameters(config)
+
+
+# config.queue entries passed to the loss when the queue is on, and the loss's names for them.
+QUEUE_LOSS_OPTIONS = {"as_positives": "queue_as_positives"}
+SUPERVISED_LOSSES = ("scl", "hscl", "supcon")
+
+
+def queue_options(config) -> dict[str, Any] | None:
+    """None when the queue is off (config.queue.size == 0, or a config without ``queue``), else
+    ``{"size", "momentum", "loss_kwargs"}``: the step's queue size and EMA rate and the loss's
+    queue keyword arguments."""
+    queue = config.get("queue")
+    if queue is None or not queue.get("size"):
+        return None
+    loss_kwargs = {}
+    if config.loss.name in SUPERVISED_LOSSES:
+        loss_kwargs = {name: queue[key] for key, name in QUEUE_LOSS_OPTIONS.items()}
+    return {
+        "size": int(queue.size),
+        "momentum": float(queue.momentum),
+        "loss_kwargs": loss_kwargs,
+    }
 
 
 def num_devices_for(config) -> int:
@@ -336,6 +368,30 @@ def check_theory(theory_config) -> None:
             ) from None
 
 
+def check_queue(config) -> None:
+    """config.queue (absent in runs written before it existed): size, momentum, as_positives."""
+    queue = config.get("queue")
+    if queue is None:
+        return
+    _non_negative_int(queue, "size", "config.queue")
+    momentum = queue.momentum
+    _require(
+        isinstance(momentum, int | float)
+        and not isinstance(momentum, bool)
+        and 0.0 <= momentum < 1.0,
+        f"config.queue.momentum={momentum!r} must be a number in [0, 1)",
+    )
+    _require(
+        isinstance(queue.as_positives, bool),
+        f"config.queue.as_positives={queue.as_positives!r} must be True or False",
+    )
+    _require(
+        not queue.as_positives or config.loss.name in SUPERVISED_LOSSES,
+        f"config.queue.as_positives=True needs labels; config.loss.name={config.loss.name!r} is "
+        f"not one of {', '.join(SUPERVISED_LOSSES)}",
+    )
+
+
 def validate_config(config) -> None:
     """Checks every value the run depends on; raises ConfigError (a ValueError) with one line."""
     check_run(config)
@@ -346,6 +402,7 @@ def validate_config(config) -> None:
     check_data(config, total_devices)
     check_knn(config.knn, total_devices)
     check_theory(config.get("theory"))
+    check_queue(config)
 
 
 # ----------------------------------------------------------------------------- files
@@ -380,7 +437,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 # Config entries that change the sequence of batches or the optimisation; resuming with different
 # values cannot reproduce the uninterrupted run, so the run says so.
-RESUME_SENSITIVE = ("seed", "global_batch_size", "data", "loss", "optim", "model")
+RESUME_SENSITIVE = ("seed", "global_batch_size", "data", "loss", "optim", "model", "queue")
 
 
 def resume_mismatches(saved_config: dict, config_json: dict) -> list[str]:
