@@ -100,7 +100,7 @@ def enqueue(queue: dict[str, Any], keys: jax.Array, labels: jax.Array) -> dict[s
 def loss_queue(queue: dict[str, Any]):
     """The queue as the loss takes it (``queue=`` of hscl_jax.losses): keys, labels and the
     mask of filled rows."""
-    return losses.Queue(keys=queue["keys"], labels=queue["labels"], valid=queue_valid(queue))
+    return losses.Queue(queue["keys"], queue["labels"], queue_valid(queue))
 
 
 def momentum_update(online_variables, momentum_variables, momentum: float):

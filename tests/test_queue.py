@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hscl_jax import checkpoints, models, optim, trainer
+from hscl_jax import checkpoints, losses, metrics, models, optim, theory, trainer
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
 
@@ -53,6 +53,7 @@ def test_momentum_update_is_the_ema_of_params_and_batch_stats():
         ("momentum", 1.0, r"config.queue.momentum=1.0 must be a number in \[0, 1\)"),
         ("momentum", -0.1, r"config.queue.momentum=-0.1 must be a number in \[0, 1\)"),
         ("as_positives", "yes", "config.queue.as_positives='yes' must be True or False"),
+        ("q", "always", "config.queue.q='always' is unknown; allowed: fixed, grows"),
     ],
 )
 def test_bad_queue_values_are_rejected_with_one_line(field, value, match, tiny_digits_config):
@@ -76,7 +77,9 @@ def test_queue_positives_need_a_supervised_loss(tiny_digits_config):
     config.loss.name = "hscl"
     options = config_lib.queue_options(config)
     assert options["size"] == 64 and options["momentum"] == config.queue.momentum
-    assert options["loss_kwargs"] == {"queue_as_positives": True}
+    assert options["loss_kwargs"] == {"queue_as_positives": True, "queue_q": "fixed"}
+    config.loss.name = "supcon"  # SupCon has no Q
+    assert config_lib.queue_options(config)["loss_kwargs"] == {"queue_as_positives": True}
 
 
 def _lowered_text(config):
@@ -230,3 +233,115 @@ def test_resume_with_a_partly_filled_queue_equals_the_uninterrupted_run(
     expected, resumed = final_state(whole), final_state(split)
     assert int(resumed["queue"]["count"]) == 48
     chex.assert_trees_all_close(resumed, expected, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- N -> infinity view
+
+
+def _unit(rng, n, dim=8):
+    z = rng.normal(size=(n, dim))
+    return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 3.0])
+def test_hscl_against_the_batch_views_is_the_partner_hscl_loss(beta):
+    rng = np.random.default_rng(int(beta))
+    z1, z2 = _unit(rng, 12), _unit(rng, 12)
+    labels = rng.integers(0, 3, size=12).astype(np.int32)
+    views, view_labels = np.concatenate([z1, z2]), np.concatenate([labels, labels])
+    value = theory.hscl_against_negatives(z1, z2, labels, views, view_labels, beta=beta)
+    expected = losses.hscl(z1, z2, labels, beta=beta, positives="partner")
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    # Rows marked invalid are not negatives: invalid extra rows change nothing.
+    extra = _unit(rng, 5)
+    padded = theory.hscl_against_negatives(
+        z1,
+        z2,
+        labels,
+        np.concatenate([views, extra]),
+        np.concatenate([view_labels, np.full(5, 9, np.int32)]),
+        np.concatenate([np.ones(24, bool), np.zeros(5, bool)]),
+        beta=beta,
+    )
+    np.testing.assert_allclose(padded, expected, rtol=1e-5)
+
+
+def test_negative_set_estimates_approach_the_reference_as_the_queue_grows():
+    rng = np.random.default_rng(0)
+    num_classes, dim = 4, 8
+    centres = _unit(rng, num_classes, dim)
+
+    def sample(n):
+        labels = rng.integers(0, num_classes, size=n).astype(np.int32)
+        z = centres[labels] + 0.8 * rng.normal(size=(n, dim))
+        return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float32), labels
+
+    (z1, labels), (reference, reference_labels) = sample(6), sample(8192)
+    z2 = z1 + 0.1 * rng.normal(size=z1.shape).astype(np.float32)
+    z2 /= np.linalg.norm(z2, axis=1, keepdims=True)
+    queue_keys, queue_labels = sample(4096)
+    estimates = theory.negative_set_estimates(
+        z1,
+        z2,
+        labels,
+        reference,
+        reference_labels,
+        beta=2.0,
+        queue_keys=queue_keys,
+        queue_labels=queue_labels,
+        queue_count=4096,
+    )
+    assert theory.queue_prefix_sizes(4096) == (0, 512, 1024, 2048, 4096)
+    gaps = [abs(estimates["gap_batch"])] + [
+        abs(estimates[f"gap_queue_{k}"]) for k in (512, 1024, 2048, 4096)
+    ]
+    assert gaps[-1] < 0.2 * gaps[0], gaps
+    assert estimates["gap_queue_4096"] == pytest.approx(
+        estimates["hscl_queue_4096"] - estimates["hscl_reference"]
+    )
+    # A queue of copies of the batch's views leaves every tilted mean, hence the loss, unchanged;
+    # an unfilled queue is no queue.
+    views, view_labels = np.concatenate([z1, z2]), np.concatenate([labels, labels])
+    copies = theory.negative_set_estimates(
+        z1,
+        z2,
+        labels,
+        reference,
+        reference_labels,
+        beta=2.0,
+        queue_keys=np.concatenate([views, views]),
+        queue_labels=np.concatenate([view_labels, view_labels]),
+        queue_count=24,
+    )
+    assert copies["hscl_queue_24"] == pytest.approx(copies["hscl_batch"], rel=1e-5)
+    empty = theory.negative_set_estimates(
+        z1,
+        z2,
+        labels,
+        reference,
+        reference_labels,
+        beta=2.0,
+        queue_keys=queue_keys,
+        queue_labels=queue_labels,
+        queue_count=0,
+    )
+    assert empty["hscl_queue_4096"] == pytest.approx(empty["hscl_batch"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_trainer_logs_the_reference_view_with_the_queue(tmp_path, tiny_digits_config):
+    config = tiny_digits_config(num_steps=4, log_every_steps=2)
+    config.theory.enabled, config.theory.reference_size = True, 100
+    config.queue.size, config.queue.momentum = 32, 0.9
+    trainer.train_and_evaluate(config, str(tmp_path))
+    records = [
+        r for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) if "hscl_reference" in r
+    ]
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        # Queue prefixes 4, 8, 16, 32 of the 32 filled rows (2 steps x 16 keys by step 2).
+        for name in ("batch", "queue_4", "queue_8", "queue_16", "queue_32"):
+            assert np.isfinite(record[f"hscl_{name}"])
+            assert record[f"gap_{name}"] == pytest.approx(
+                record[f"hscl_{name}"] - record["hscl_reference"]
+            )
