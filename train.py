@@ -3,9 +3,12 @@
     python train.py --config=configs/default.py --workdir=/tmp/hscl_digits
     python train.py --config=configs/cifar10.py --workdir=DIR --config.loss.beta=5
 
-Running the same command again on the same --workdir resumes from the latest checkpoint.
+Running the same command again on the same --workdir resumes from the latest checkpoint. A bad
+flag, config value or workdir stops the run before training with one line on stderr and exit
+status 1.
 """
 
+import glob
 import logging as std_logging
 import os
 import sys
@@ -14,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hscl_jax import config as config_lib
-from hscl_jax import trainer
+from hscl_jax import metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True
@@ -28,16 +31,59 @@ def _quiet_orbax_info(record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _flag_values(argv: list[str], name: str) -> list[tuple[str, str]]:
+    """(flag, value) of every ``--name...=value`` / ``--name... value`` in ``argv``."""
+    found = []
+    for i, arg in enumerate(argv):
+        flag, equals, value = arg.partition("=")
+        if flag == f"--{name}" or flag.startswith(f"--{name}."):
+            if not equals:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+            found.append((flag, value))
+    return found
+
+
+def _check_config_flags(argv: list[str]) -> None:
+    """The config file exists and every --config.<field> override names a field it has."""
+    files = [value for flag, value in _flag_values(argv, "config") if flag == "--config"]
+    if not files:
+        return  # absl reports the missing required flag
+    path = files[-1]
+    if not os.path.isfile(path):
+        recipes = sorted(
+            glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "*.py"))
+        )
+        allowed = ", ".join(os.path.relpath(r) for r in recipes)
+        raise config_lib.ConfigError(f"--config={path} is not a file; the recipes are: {allowed}")
+    config = config_lib.config_from_file(path)
+    for flag, _ in _flag_values(argv, "config"):
+        if flag != "--config":
+            config_lib.check_field_path(config, flag[len("--config.") :])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        _check_config_flags(argv)
+    except config_lib.ConfigError as error:
+        sys.exit(f"error: {error}")
+    return app.parse_flags_with_usage(argv)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax_info)
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, FloatingPointError, FileNotFoundError) as error:
-        # Bad config, non-finite training, dataset not prepared: the message says it all.
+    except (
+        config_lib.ConfigError,
+        metrics.WorkdirError,
+        FloatingPointError,
+        FileNotFoundError,
+    ) as error:
+        # Bad config or workdir, non-finite training, dataset not prepared: the message says it all.
         sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

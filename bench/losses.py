@@ -2,6 +2,7 @@
 
     python bench/losses.py                 # the table of the README (a few minutes on 2 CPU cores)
     python bench/losses.py --sizes 512 2048 --no-memory
+    python bench/losses.py --float32-limit  # float32 vs float64 gradient error over beta and t
 
 For each 2B (number of views) it prints the median fwd+bwd time of H-SCL (beta = 1, d = 128,
 positives="all") dense and blocked, and the ratio to a bare ``z @ z.T`` forward and backward at the
@@ -9,6 +10,11 @@ same size. The memory rows run loss+grad at 2B = 65,536, blocked and then dense,
 process, and report that process's peak resident memory (``VmHWM``), which includes the
 ~0.3 GB of the Python + JAX runtime itself. On CPU the dense path walks the anchors in chunks and
 never holds the (2B x 2B) matrix either; on an accelerator it would need 16 GiB for it.
+
+``--float32-limit`` prints, per temperature and beta (as multiples of
+``losses.float32_beta_limit``), the worst relative error of float32 H-SCL gradients against
+float64 on the same inputs, dense and blocked, over random batches and over the worst case we
+found: embeddings collapsed into a cone whose spread of s over the negatives is about 1/beta.
 """
 
 from __future__ import annotations
@@ -109,6 +115,83 @@ def _memory_child(num_views: int, block_size: int) -> None:
     print(f"{num_views} {block_size} {peak_mb:.0f} {wall:.1f} {float(value):.4f}")
 
 
+def _flat_grads(z1, z2, labels, beta, temperature, block_size):
+    def fn(a, b):
+        return losses.hscl(a, b, labels, beta=beta, temperature=temperature, block_size=block_size)
+
+    return jnp.concatenate([g.ravel() for g in jax.grad(fn, argnums=(0, 1))(z1, z2)])
+
+
+_flat_grads_jit = jax.jit(_flat_grads, static_argnums=5)
+
+
+def float32_relative_error(z1, z2, labels, beta, temperature, block_size=None) -> float:
+    """||g32 - g64|| / ||g64|| of H-SCL's gradients (z1 and z2 together), g64 from the same
+    float32 inputs in float64."""
+    g32 = _flat_grads_jit(z1, z2, labels, np.float32(beta), np.float32(temperature), block_size)
+    with jax.enable_x64(True):
+        wide = (jnp.asarray(z, jnp.float64) for z in (z1, z2))
+        g64 = np.asarray(
+            _flat_grads_jit(*wide, labels, np.float64(beta), np.float64(temperature), block_size)
+        )
+    return float(np.linalg.norm(np.asarray(g32, np.float64) - g64) / np.linalg.norm(g64))
+
+
+def collapsed_batch(seed, batch, dim, num_classes, temperature, beta, spread=1.0):
+    """Two views of ``batch`` embeddings inside a cone around one axis, so narrow that the
+    similarities over an anchor's negatives spread by about ``spread / beta``: the tilt weights
+    are then neither uniform nor one-hot, and most sensitive to the rounding of s."""
+    rng = np.random.default_rng(seed)
+    radius = np.sqrt(spread * temperature / max(beta, 1e-9))
+    axis = np.eye(dim)[0]
+
+    def views():
+        u = rng.normal(size=(batch, dim))
+        u[:, 0] = 0.0
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        z = axis + radius * u * rng.uniform(0.5, 1.5, size=(batch, 1))
+        return jnp.asarray(z / np.linalg.norm(z, axis=1, keepdims=True), jnp.float32)
+
+    labels = jnp.asarray(np.arange(batch) % num_classes, jnp.int32)
+    return views(), views(), labels
+
+
+def _random_batch(seed, batch, dim, num_classes):
+    rng = np.random.default_rng(seed)
+    z1, z2 = (rng.normal(size=(batch, dim)) for _ in range(2))
+    z1, z2 = (
+        jnp.asarray(z / np.linalg.norm(z, axis=1, keepdims=True), jnp.float32) for z in (z1, z2)
+    )
+    return z1, z2, jnp.asarray(np.arange(batch) % num_classes, jnp.int32)
+
+
+def _float32_limit_table(block_size: int = 16) -> None:
+    shapes = ((16, 32, 4), (64, 16, 4), (128, 128, 10))
+    print(f"float32 vs float64 H-SCL gradient error (worst over shapes {shapes}, 3 seeds)")
+    print(
+        f"{'t':>5} {'beta':>8} {'x limit':>8} {'random dense':>13} {'random blocked':>15}"
+        f" {'collapsed dense':>16} {'collapsed blocked':>18}"
+    )
+    for t in (0.05, 0.2, 0.5, 1.0):
+        limit = losses.float32_beta_limit(t)
+        for factor in (0.5, 1.0, 2.0, 10.0):
+            beta = factor * limit
+            worst = np.zeros(4)
+            for batch, dim, classes in shapes:
+                for seed in range(3):
+                    for kind, make in enumerate((_random_batch, collapsed_batch)):
+                        args = (t, beta, 0.3 + seed) if kind else ()
+                        batch_data = make(seed, batch, dim, classes, *args)
+                        for j, bs in enumerate((None, block_size)):
+                            err = float32_relative_error(*batch_data, beta, t, bs)
+                            worst[2 * kind + j] = max(worst[2 * kind + j], err)
+            print(
+                f"{t:>5} {beta:>8.4g} {factor:>8} {worst[0]:>13.1e} {worst[1]:>15.1e}"
+                f" {worst[2]:>16.1e} {worst[3]:>18.1e}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192])
@@ -119,7 +202,11 @@ def main() -> None:
     parser.add_argument("--no-dense-memory", action="store_true", help="skip the dense memory row")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--float32-limit", action="store_true", help="the float32 accuracy table")
     args = parser.parse_args()
+    if args.float32_limit:
+        _float32_limit_table()
+        return
     if args.memory_child:
         _memory_child(args.memory_views, args.memory_block_size)
         return

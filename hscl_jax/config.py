@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
 from hscl_jax import data, losses, metrics, models, optim
@@ -324,6 +325,33 @@ def check_loss(loss_config) -> None:
         )
     except ValueError as error:
         raise ConfigError(f"config.loss: {error}") from None
+    warn_above_float32_beta_limit(loss_config)
+
+
+def warn_above_float32_beta_limit(loss_config) -> bool:
+    """Logs a warning (and returns True) when the loss's beta exceeds the largest beta at which
+    its float32 gradients were measured within FLOAT32_GRADIENT_TOLERANCE of float64
+    (losses.float32_beta_limit); the run still trains: typical batches stay far more accurate."""
+    options = loss_options(loss_config)
+    if "beta" not in options:
+        return False
+    temperature = options.get("temperature", 0.5)
+    limit = losses.float32_beta_limit(temperature)
+    if options["beta"] <= limit:
+        return False
+    logging.warning(
+        "config.loss.beta=%r is above %g, the largest beta at which float32 gradients of %r were "
+        "measured within %g of float64 at temperature %g (losses.float32_beta_limit: "
+        "min(%g * t, %g)); gradients may be inexact",
+        options["beta"],
+        limit,
+        loss_config.name,
+        losses.FLOAT32_GRADIENT_TOLERANCE,
+        temperature,
+        losses.FLOAT32_BETA_LIMIT_PER_INVERSE_TEMPERATURE,
+        losses.FLOAT32_BETA_LIMIT_CAP,
+    )
+    return True
 
 
 def check_optim(optim_config) -> None:
@@ -352,6 +380,58 @@ def check_data(config, total_devices: int) -> None:
         f"config.global_batch_size={config.global_batch_size} is not divisible by the "
         f"{total_devices} devices (processes x local devices)",
     )
+
+
+def check_batch_has_negatives(config) -> None:
+    """Refuses a batch in which no anchor can have a negative for the chosen loss: every loss
+    contrasts an anchor with other images' views (supervised ones: of other classes only), so a
+    batch needs >= 2 images, and a supervised loss a dataset of >= 2 classes."""
+    name, batch = config.loss.name, config.global_batch_size
+    supervised = losses.takes_labels(name)
+    whose = "other images' views of other classes" if supervised else "other images' views"
+    _require(
+        batch >= 2,
+        f"config.global_batch_size={batch} leaves no anchor a negative: loss {name!r} takes its "
+        f"negatives from {whose}; use a global batch of >= 2 images",
+    )
+    if supervised:
+        num_classes = data.dataset_info(config.data.name).num_classes
+        _require(
+            num_classes >= 2,
+            f"config.data.name={config.data.name!r} has {num_classes} class: supervised loss "
+            f"{name!r} needs >= 2 classes for any anchor to have a negative; use ucl or hucl",
+        )
+
+
+# Hosts behind the remote file systems a TFDS data_dir may name.
+_REMOTE_HOSTS = {"gs": "storage.googleapis.com", "s3": "s3.amazonaws.com"}
+
+
+def check_data_dir_reachable(data_config, timeout_s: float = 5.0) -> None:
+    """A remote config.data.data_dir (gs://, s3://, http(s)://...) must have a host that resolves:
+    without a network, TFDS would retry for minutes and end in a long traceback. A local
+    directory is left to the data pipeline (its own message says how to prepare the dataset)."""
+    import concurrent.futures
+    import socket
+    import urllib.parse
+
+    data_dir = data_config.get("data_dir")
+    scheme = urllib.parse.urlsplit(data_dir).scheme if data_dir else ""
+    if len(scheme) < 2:  # none, or a Windows drive letter
+        return
+    host = _REMOTE_HOSTS.get(scheme) or urllib.parse.urlsplit(data_dir).hostname
+    if not host:
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s)
+    except (OSError, concurrent.futures.TimeoutError):
+        raise ConfigError(
+            f"config.data.data_dir={data_dir!r} cannot be reached: host {host} does not resolve "
+            "(no network?); use a local directory holding the prepared dataset"
+        ) from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def check_knn(knn_config, total_devices: int) -> None:
@@ -429,6 +509,8 @@ def validate_config(config) -> None:
     check_optim(config.optim)
     total_devices = jax.process_count() * num_devices_for(config)
     check_data(config, total_devices)
+    check_batch_has_negatives(config)
+    check_data_dir_reachable(config.data)
     check_knn(config.knn, total_devices)
     check_theory(config.get("theory"))
     check_queue(config)
@@ -444,6 +526,20 @@ def config_from_file(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def check_field_path(config, dotted: str) -> None:
+    """ConfigError naming the first part of ``dotted`` (e.g. "model.widht", from a command-line
+    override ``--config.model.widht=8``) that ``config`` does not have, and the fields it has."""
+    node, prefix = config, "config"
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"{prefix} is a value, not a section: it has no field {part!r}")
+        if part not in node:
+            raise ConfigError(
+                f"unknown config field {prefix}.{part}; {prefix} has: {', '.join(sorted(node))}"
+            )
+        node, prefix = node[part], f"{prefix}.{part}"
 
 
 def to_json_ready(config) -> dict:

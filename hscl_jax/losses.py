@@ -17,7 +17,8 @@ How the kernels are built:
 * A per-anchor kernel (one anchor's row of similarities and its positive/negative masks in,
   running log-sum-exp statistics out) is ``jax.vmap``-ed over anchors; the batch-level code only
   builds masks and reduces. Everything is in log space and accumulated in float32 (float64 for
-  float64 inputs), also for bfloat16 inputs.
+  float64 inputs), also for bfloat16 inputs. ``float32_beta_limit(temperature)`` is the beta up
+  to which float32 gradients are accurate to 1e-3 (measured).
 * Anchors with no positive or no negative are left out of the mean, never NaN. A batch with no
   valid anchor at all returns 0; ``return_aux=True`` returns ``(loss, LossAux)`` whose
   ``num_anchors`` says how many anchors entered the mean (0 in that case).
@@ -62,6 +63,29 @@ LOSS_NAMES = ("ucl", "scl", "hucl", "hscl", "supcon")
 POSITIVES = ("all", "partner")
 
 Array = jax.Array
+
+# float32 gradient accuracy of the tilted losses, measured (tests/test_losses_precision.py says
+# how the error is defined; python bench/losses.py --float32-limit measures it).
+FLOAT32_GRADIENT_TOLERANCE = 1e-3
+FLOAT32_BETA_LIMIT_PER_INVERSE_TEMPERATURE = 3000.0
+FLOAT32_BETA_LIMIT_CAP = 600.0
+
+
+def float32_beta_limit(temperature: float) -> float:
+    """The largest beta at which float32 gradients of hscl/hucl stay within 1e-3 of float64.
+
+    ``min(3000 * temperature, 600)``. The error is ``||g32 - g64|| / ||g64||`` over the gradients
+    of z1 and z2, g64 from the same inputs in float64. What limits float32 is the rounding of
+    the similarities themselves (about 2^-24 / t absolute), which the tilt multiplies by beta;
+    the kernels add no error of their own beyond it. The limit is set by the worst case we could
+    construct, every embedding within a cone so narrow that the spread of s over the negatives
+    is about 1/beta (``python bench/losses.py --float32-limit``): there the error is 7e-4 to
+    9e-4 at this beta for t in [0.05, 1], and doubles with beta. On typical batches float32 is
+    far better: random unit batches stay below 3e-5 at this beta and below 3e-4 at beta 10,000.
+    The trainer's config check warns above this limit.
+    """
+    temperature = _check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    return min(FLOAT32_BETA_LIMIT_PER_INVERSE_TEMPERATURE * temperature, FLOAT32_BETA_LIMIT_CAP)
 
 
 class LossAux(NamedTuple):
@@ -225,15 +249,15 @@ class _AnchorKernel:
 
     def init(self, dtype) -> dict[str, Array]:
         zero, neg_inf = jnp.zeros((), dtype), jnp.full((), -jnp.inf, dtype)
-        state = {"hi_max": neg_inf, "hi_sum": zero, "n_neg": zero, "n_pos": zero}
+        state = {"s_max": neg_inf, "hi_sum": zero, "n_neg": zero, "n_pos": zero}
         if self.tilted:
-            state.update(lo_max=neg_inf, lo_sum=zero)
+            state["lo_sum"] = zero
         if self.spec.family == "supcon" or self.spec.with_aux:
             state["pos_s_sum"] = zero
         if self.spec.with_aux:
             state.update(neg_s_sum=zero, n_neg_aux=zero)
             if self.tilted:
-                state.update(sq_max=neg_inf, sq_sum=zero)
+                state["sq_sum"] = zero
         return state
 
     def accumulate(self, state, s_row, pos_row, neg_row, aux_neg_row):
@@ -241,30 +265,34 @@ class _AnchorKernel:
 
         ``neg_row`` marks the views in the log-sum-exp (the negatives; SupCon's contrast set),
         ``pos_row`` the positives, ``aux_neg_row`` the negatives reported in LossAux.
+
+        Each sum holds exp(a (s - m)) for its scale a (beta + 1, beta, 2 beta) and the running
+        max m of s over the negatives, so that LSE(a s) = a m + log(sum). An exponent is never
+        the difference of two rounded products a s - a m: at large beta their rounding errors
+        (eps a |s|) would dominate the weights and their gradients.
         """
         spec, state = self.spec, dict(state)
         beta = self.hyper.beta
-        # One reduction serves every exponent: max(a s) = a max(s) for a >= 0.
-        s_max = lax.stop_gradient(jnp.max(jnp.where(neg_row, s_row, -jnp.inf)))
-        finite = jnp.isfinite(s_max)
-        s_max = jnp.where(finite, s_max, 0.0)
+        block_max = lax.stop_gradient(jnp.max(jnp.where(neg_row, s_row, -jnp.inf)))
+        old_max = state["s_max"]
+        new_max = jnp.maximum(old_max, block_max)
+        state["s_max"] = new_max
+        # Where a sum is still empty its old max is -inf; any finite shift serves.
+        old_shift = jnp.where(jnp.isfinite(old_max), old_max - new_max, 0.0)
+        centred = jnp.where(neg_row, s_row - jnp.where(jnp.isfinite(new_max), new_max, 0.0), 0.0)
 
-        def scaled_max(scale):  # -inf for a block without negatives, never 0 * inf
-            return jnp.where(finite, scale * s_max, -jnp.inf)
+        def fold(run_sum, scale, exponent):
+            terms = jnp.where(neg_row, jnp.exp(exponent), 0.0)
+            return run_sum * jnp.exp(scale * old_shift) + jnp.sum(terms)
 
         if self.tilted:
-            # detach_weights: LSE(s + stop_gradient(beta s)) has the value of LSE((beta+1) s) and
-            # the gradient that holds the importance weights exp(beta s) constant.
-            hi = s_row + beta * (lax.stop_gradient(s_row) if spec.detach_weights else s_row)
-            state["lo_max"], state["lo_sum"] = _masked_lse_update(
-                state["lo_max"], state["lo_sum"], beta * s_row, neg_row, scaled_max(beta)
-            )
+            # detach_weights: exp(s + stop_gradient(beta s)) has the value of exp((beta+1) s)
+            # and the gradient that holds the importance weights exp(beta s) constant.
+            lo = lax.stop_gradient(centred) if spec.detach_weights else centred
+            state["hi_sum"] = fold(state["hi_sum"], beta + 1.0, centred + beta * lo)
+            state["lo_sum"] = fold(state["lo_sum"], beta, beta * centred)
         else:
-            hi = s_row
-        hi_scale = beta + 1.0 if self.tilted else 1.0
-        state["hi_max"], state["hi_sum"] = _masked_lse_update(
-            state["hi_max"], state["hi_sum"], hi, neg_row, scaled_max(hi_scale)
-        )
+            state["hi_sum"] = fold(state["hi_sum"], 1.0, centred)
         state["n_neg"] = state["n_neg"] + jnp.sum(neg_row, dtype=s_row.dtype)
         state["n_pos"] = state["n_pos"] + jnp.sum(pos_row, dtype=s_row.dtype)
         if "pos_s_sum" in state:
@@ -274,25 +302,31 @@ class _AnchorKernel:
             state["neg_s_sum"] = state["neg_s_sum"] + jnp.sum(jnp.where(aux_neg_row, s_const, 0.0))
             state["n_neg_aux"] = state["n_neg_aux"] + jnp.sum(aux_neg_row, dtype=s_row.dtype)
             if self.tilted:
-                state["sq_max"], state["sq_sum"] = _masked_lse_update(
-                    state["sq_max"],
-                    state["sq_sum"],
-                    2.0 * beta * s_const,
-                    neg_row,
-                    scaled_max(2 * beta),
-                )
+                sq = fold(state["sq_sum"], 2.0 * beta, 2.0 * beta * lax.stop_gradient(centred))
+                state["sq_sum"] = lax.stop_gradient(sq)
         return state
 
+    def log_sum(self, state, name):
+        """log of one running sum, ``log sum_k exp(a (s_k - m))``; -inf for an empty one."""
+        return _lse_value(jnp.zeros_like(state[name]), state[name])
+
     def log_mu(self, state, valid):
-        """log of the (tilted) mean of exp(s) over the negatives; 0 where the anchor is invalid."""
-        lse_hi = _lse_value(state["hi_max"], state["hi_sum"])
+        """log of the (tilted) mean of exp(s) over the negatives; 0 where the anchor is invalid.
+
+        log_mu = LSE((beta+1) s) - LSE(beta s) = m + log hi_sum - log lo_sum: the terms beta m
+        cancel exactly instead of in rounded arithmetic.
+        """
+        m = jnp.where(valid, state["s_max"], 0.0)
+        log_hi = self.log_sum(state, "hi_sum")
         if self.tilted:
-            lse_lo = _lse_value(state["lo_max"], state["lo_sum"])
+            log_lo = self.log_sum(state, "lo_sum")
             if self.spec.detach_weights:
-                lse_lo = lax.stop_gradient(lse_lo)
+                # LSE(s + sg(beta s)) - sg(LSE(beta s)): beta's gradient is E_hi[s] as before.
+                beta = self.hyper.beta
+                log_lo = lax.stop_gradient(log_lo) - (beta - lax.stop_gradient(beta)) * m
         else:
-            lse_lo = jnp.log(jnp.maximum(state["n_neg"], 1.0))
-        return jnp.where(valid, jnp.where(valid, lse_hi, 0.0) - jnp.where(valid, lse_lo, 0.0), 0.0)
+            log_lo = jnp.log(jnp.maximum(state["n_neg"], 1.0))
+        return jnp.where(valid, m + jnp.where(valid, log_hi - log_lo, 0.0), 0.0)
 
     def hucl_loss(self, log_mu, s_partner, log_q):
         """Robinson et al.'s debiased H-UCL term for one anchor and its partner."""
@@ -326,7 +360,11 @@ class _AnchorKernel:
         With p_hi, p_lo the softmax of (beta+1) s and of beta s over the negatives::
 
             d log_mu / ds_k = (beta + 1) p_hi,k - beta p_lo,k   (p_hi,k: weights held constant)
+                            = p_hi,k + beta p_lo,k expm1(s_k - log_mu)
             d softplus(offset - s_j) = sigmoid(offset - s_j) (d offset - ds_j)
+
+        The second form is the one computed: p_hi / p_lo = exp(s - log_mu), so the difference
+        of two nearly equal terms, multiplied by beta, never appears.
         """
         spec, beta = self.spec, self.hyper.beta
         ds = jnp.zeros_like(s_row)
@@ -334,19 +372,23 @@ class _AnchorKernel:
             sig = jnp.where(pos_row, jax.nn.sigmoid(offset - s_row), 0.0)
             g_log_mu = g_log_mu + g_pairs * jnp.sum(sig)
             ds = ds - g_pairs * sig
+        m = state["s_max"]
+        m = jnp.where(jnp.isfinite(m), m, 0.0)  # an anchor without negatives: p = 0 below
+        centred = jnp.where(neg_row, s_row - m, 0.0)
+        log_hi = self.log_sum(state, "hi_sum")
         hi_scale = beta + 1.0 if self.tilted else 1.0
-        lse_hi = _lse_value(state["hi_max"], state["hi_sum"])
-        p_hi = jnp.where(neg_row, jnp.exp(hi_scale * s_row - lse_hi), 0.0)
+        p_hi = jnp.where(neg_row, jnp.exp(hi_scale * centred - log_hi), 0.0)
         if not self.tilted:
             return ds + g_log_mu * p_hi, jnp.zeros((), s_row.dtype)
-        e_hi = jnp.sum(p_hi * s_row)
         if spec.detach_weights:
             # log_mu = LSE(s + stop_gradient(beta s)) - stop_gradient(LSE(beta s)).
-            return ds + g_log_mu * p_hi, g_log_mu * e_hi
-        lse_lo = _lse_value(state["lo_max"], state["lo_sum"])
-        p_lo = jnp.where(neg_row, jnp.exp(beta * s_row - lse_lo), 0.0)
-        d_log_mu = hi_scale * p_hi - beta * p_lo
-        return ds + g_log_mu * d_log_mu, g_log_mu * (e_hi - jnp.sum(p_lo * s_row))
+            return ds + g_log_mu * p_hi, g_log_mu * (jnp.sum(p_hi * centred) + m)
+        log_lo = self.log_sum(state, "lo_sum")
+        p_lo = jnp.where(neg_row, jnp.exp(beta * centred - log_lo), 0.0)
+        # p_hi - p_lo, from s - log_mu = centred - (log_hi - log_lo) without cancellation.
+        p_diff = p_lo * jnp.expm1(jnp.where(neg_row, centred - (log_hi - log_lo), 0.0))
+        # d log_mu / d beta = E_hi[s] - E_lo[s] = sum_k (p_hi - p_lo)_k (s_k - m).
+        return ds + g_log_mu * (p_hi + beta * p_diff), g_log_mu * jnp.sum(p_diff * centred)
 
 
 # ----------------------------------------------------------------------------- batch level
@@ -612,7 +654,7 @@ def _anchor_terms(
     n_pos = _positive_counts(spec, state)
 
     if spec.family == "supcon":
-        lse = _lse_value(state["hi_max"], state["hi_sum"])
+        lse = state["s_max"] + kernel.log_sum(state, "hi_sum")
         mean_pos = state["pos_s_sum"] / jnp.maximum(n_pos, 1.0)
         anchor_sum = jnp.where(valid, jnp.where(valid, lse, 0.0) - mean_pos, 0.0)
         anchor_count = valid.astype(dtype)
@@ -644,9 +686,10 @@ def _anchor_terms(
     if spec.with_aux:
         pos_s = state["pos_s_sum"] if spec.positives == "all" else s_partner
         if kernel.tilted:
-            lse_w = _lse_value(state["lo_max"], state["lo_sum"])
-            lse_w2 = _lse_value(state["sq_max"], state["sq_sum"])
-            ess = jnp.exp(jnp.where(valid, 2.0 * lse_w - lse_w2, 0.0))
+            # (sum w)^2 / sum w^2, w = exp(beta s): the factors exp(beta m) cancel.
+            log_w = kernel.log_sum(state, "lo_sum")
+            log_w2 = kernel.log_sum(state, "sq_sum")
+            ess = jnp.exp(jnp.where(valid, 2.0 * log_w - log_w2, 0.0))
         else:
             ess = state["n_neg"]
         aux_parts = {
@@ -958,3 +1001,11 @@ def allowed_options(name: str) -> tuple[str, ...]:
         raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
     params = inspect.signature(_BY_NAME[name]).parameters.values()
     return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "axis_name")
+
+
+def takes_labels(name: str) -> bool:
+    """Whether loss ``name`` is supervised (scl, hscl, supcon): its negatives are views of other
+    classes, so a batch needs two classes for any anchor to have one."""
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
+    return name in _TAKES_LABELS

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -23,6 +24,33 @@ THEORY_CSV = "theory.csv"
 THEORY_TRAIN_CSV = "theory_train.csv"
 BETA_SWEEP_CSV = "beta_sweep.csv"
 EMBEDDINGS_NPZ = "embeddings.npz"
+
+
+class WorkdirError(ValueError):
+    """A run directory that cannot be used: a regular file, or not writable."""
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates ``workdir`` when it is missing and checks that a file can be written in it.
+
+    Raises WorkdirError (one line) for a path that is a file or not writable, before the run
+    writes anything.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(
+            f"workdir {workdir!r} is a file, not a directory; give a directory (created when "
+            "missing)"
+        )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise WorkdirError(
+            f"workdir {workdir!r} is not writable ({error.strerror}); give a directory this "
+            "process can create and write files in"
+        ) from None
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

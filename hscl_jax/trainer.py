@@ -63,7 +63,8 @@ class Run:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    """Checks ``config`` (ConfigError before anything is written) and builds the step."""
+    """Checks ``config`` (ConfigError before anything is written) and ``workdir`` (WorkdirError;
+    created when missing) and builds the step."""
     maybe_initialize_distributed(config)
     config_lib.validate_config(config)
     devices = jax.local_devices()[: config_lib.num_devices_for(config)]
@@ -73,6 +74,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         steps_per_epoch = config_lib.config_errors_from(
             data.steps_per_epoch, config.data, config.global_batch_size
         )
+    metrics.prepare_workdir(workdir)
     return Run(
         config=config,
         workdir=workdir,
@@ -331,13 +333,15 @@ class ReferenceMonitor:
         )
 
 
-def run_knn(run: Run, feature_fn, state, writer: metrics.MetricWriter, step: int) -> dict:
-    """The kNN monitor on the current (replicated) state, written as the record of ``step``."""
+def run_knn(run: Run, feature_fn, state, writer, step: int, *, write: bool = True) -> dict:
+    """The kNN monitor on the current (replicated) state, written as the record of ``step``
+    (every process computes it: the features are gathered across processes)."""
     start = time.time()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     result = evaluate.knn_monitor(run.config, feature_fn, variables, run.devices)
     result["knn_seconds"] = time.time() - start
-    writer.write(step, result)
+    if write:
+        writer.write(step, result)
     logging.info(
         "step %d: knn_top1 %.4f knn_top5 %.4f (%.1fs)",
         step,
@@ -382,15 +386,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step = 0 if latest is None else latest
         # Opened before anything is compiled, so that a bad data config stops the run at start.
         batches = open_batches(run, start_step)
+        # A resume is checked against the checkpoint before anything in the workdir changes.
+        state = init_or_restore(run, manager, latest)
         write_run_config(run)
-        state = step_lib.replicate(init_or_restore(run, manager, latest), run.devices)
+        state = step_lib.replicate(state, run.devices)
         _log_start(run)
         writer = metrics.MetricWriter(workdir, enabled=run.is_chief, resumed_at=latest)
         step_metrics = StepMetrics(run, writer, manager.latest_step, start_step)
-        state, knn = _train_loop(run, manager, writer, step_metrics, state, batches, start_step)
+        feature_fn = features.make_feature_fn(run.built.model, run.devices)
+        state, knn = _train_loop(
+            run, manager, writer, step_metrics, feature_fn, state, batches, start_step
+        )
         if knn is None:  # nothing left to train (a finished run): still report the accuracy
-            feature_fn = features.make_feature_fn(run.built.model, run.devices)
-            step_metrics.final.update(run_knn(run, feature_fn, state, writer, start_step))
+            knn = _knn_of_finished_run(run, feature_fn, state, writer, start_step)
+        step_metrics.final.update(knn)
         return step_metrics.final
     finally:
         manager.wait_until_finished()
@@ -399,10 +408,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.close()
 
 
-def _train_loop(run, manager, writer, step_metrics, state, batches, start_step):
+def _knn_of_finished_run(run: Run, feature_fn, state, writer, step: int) -> dict[str, float]:
+    """The kNN monitor at ``step`` of a run with nothing left to train; written only when the run
+    has no kNN record of that step yet (it was killed between the last save and the kNN), so a
+    rerun adds no duplicate record."""
+    recorded = any(
+        r.get("step") == step and "knn_top1" in r for r in metrics.read_metrics(run.workdir)
+    )
+    return run_knn(run, feature_fn, state, writer, step, write=not recorded)
+
+
+def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, start_step):
     """Steps ``start_step + 1 .. total``; returns the state and the last kNN result (or None)."""
     config, total = run.config, run.built.total_steps
-    feature_fn = features.make_feature_fn(run.built.model, run.devices)
     reference = ReferenceMonitor(run) if config_lib.reference_size_for(config) else None
     knn = None
     loop_start = time.time()
@@ -429,6 +447,5 @@ def _train_loop(run, manager, writer, step_metrics, state, batches, start_step):
             checkpoints.save_checkpoint(manager, step, host, meta)
         if eval_due:
             knn = run_knn(run, feature_fn, state, writer, step)
-            step_metrics.final.update(knn)
             step_metrics.restart_clock()  # keep evaluation out of steps/s
     return state, knn

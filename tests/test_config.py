@@ -118,3 +118,82 @@ def test_load_config_and_resume_mismatches(tmp_path, tiny_digits_config):
     changed["model"]["width"] = 8
     changed["log_every_steps"] = 1  # not resume-sensitive
     assert config_lib.resume_mismatches(saved, changed) == ["seed", "model"]
+
+
+def test_a_batch_without_negatives_is_refused(tiny_digits_config, monkeypatch):
+    import dataclasses
+
+    from hscl_jax import data
+
+    for loss, whose in (("ucl", "other images' views;"), ("supcon", "views of other classes")):
+        config = tiny_digits_config(global_batch_size=1)
+        config.loss.name = loss
+        with pytest.raises(
+            config_lib.ConfigError, match=f"global_batch_size=1 .*'{loss}'.*{whose}"
+        ):
+            config_lib.validate_config(config)
+    config = tiny_digits_config(global_batch_size=2)
+    config_lib.validate_config(config)  # two images may be of two classes
+    real_info = data.dataset_info
+    monkeypatch.setattr(
+        data, "dataset_info", lambda name: dataclasses.replace(real_info(name), num_classes=1)
+    )
+    with pytest.raises(config_lib.ConfigError, match="has 1 class: supervised loss 'hscl'"):
+        config_lib.validate_config(config)
+    config.loss.name = "hucl"  # unsupervised: any other image is a negative
+    config_lib.validate_config(config)
+
+
+def test_an_unreachable_remote_data_dir_is_refused_at_once(tiny_digits_config):
+    import time
+
+    config = tiny_digits_config()
+    # ".invalid" never resolves (RFC 2606), with or without a network.
+    config.data.data_dir = "https://tfds.invalid/tensorflow_datasets"
+    start = time.time()
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"data_dir='https://tfds.invalid/tensorflow_datasets' cannot be reached: host "
+        r"tfds.invalid does not resolve",
+    ):
+        config_lib.validate_config(config)
+    assert time.time() - start < 30
+    config.data.data_dir = "/a/local/dir"  # left to the pipeline's own message
+    config_lib.validate_config(config)
+
+
+def test_override_paths_name_the_missing_field():
+    config = config_lib.base_config("digits")
+    config_lib.check_field_path(config, "model.width")
+    for dotted, match in (
+        ("foo", r"unknown config field config.foo; config has: checkpoint_every_steps, data,"),
+        ("model.widht", r"unknown config field config.model.widht; config.model has: dtype,"),
+        ("seed.x", r"config.seed is a value, not a section: it has no field 'x'"),
+    ):
+        with pytest.raises(config_lib.ConfigError, match=match):
+            config_lib.check_field_path(config, dotted)
+
+
+def test_a_beta_above_the_float32_limit_warns_with_the_measured_limit(tiny_digits_config, caplog):
+    import logging
+
+    from hscl_jax import losses
+
+    config = tiny_digits_config()
+    config.loss.temperature = 0.1
+    limit = losses.float32_beta_limit(0.1)
+    assert limit == pytest.approx(300.0)
+    config.loss.beta = limit
+    with caplog.at_level(logging.WARNING):
+        config_lib.validate_config(config)
+    assert not caplog.records
+    config.loss.beta = 1e4
+    with caplog.at_level(logging.WARNING):
+        config_lib.validate_config(config)  # a warning, not a refusal
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "config.loss.beta=10000.0 is above 300, the largest beta at which float32 gradients of "
+        "'hscl' were measured within 0.001 of float64 at temperature 0.1"
+    )
+    config.loss.name = "scl"  # takes no beta: nothing to warn about
+    assert not config_lib.warn_above_float32_beta_limit(config.loss)

@@ -5,6 +5,7 @@ start, and when the loop logs, evaluates and saves."""
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,17 @@ def _checkpoint_steps(workdir):
     names = os.listdir(os.path.join(workdir, "checkpoints"))
     assert steps == sorted(int(n) for n in names if n.isdigit())  # what is on disk
     return steps
+
+
+def _snapshot(workdir):
+    """{path: (mtime, bytes)} of every file below ``workdir``."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, workdir)] = (os.stat(path).st_mtime_ns, f.read())
+    return files
 
 
 def _restore_params(workdir, step):
@@ -114,6 +126,15 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(
     }
     assert {"loss", "knn_top1", "effective_negatives", "learning_rate"} <= tags
 
+    # Rerunning the finished run trains nothing, reports the final accuracy again and adds no
+    # record to metrics.jsonl (issue #10: it used to append a second kNN record every time).
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = f.read()
+    again = trainer.train_and_evaluate(config, workdir)
+    assert again["knn_top1"] == final["knn_top1"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert f.read() == logged
+
     # Run 2, same workdir, longer budget: resumes at step 4; a NaN at step 6 now stops the run
     # before the step-6 checkpoint, keeping step 4's.
     _nan_at_batch(5, monkeypatch)
@@ -123,13 +144,17 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(
     assert [r["step"] for r in _read_metrics(workdir) if "loss" in r] == [2, 4]
     assert _checkpoint_steps(workdir) == [2, 4]
 
-    # Run 3: a config whose model does not match the checkpoint stops with one clear line.
+    # Run 3: a config whose model does not match the checkpoint stops with one clear line, and
+    # leaves every file of the run as it was (issue #10: it used to rewrite config.json).
+    before = _snapshot(workdir)
     config.model.width = 8
     with pytest.raises(
         config_lib.ConfigError,
         match=r"checkpoint step 4 .* has shape \(4,\) but this config needs \(8,\)",
     ):
         trainer.train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+    assert config_lib.load_config(workdir).model.width == 4
 
 
 @pytest.mark.slow
@@ -321,27 +346,93 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(actual, expected)
 
 
-@pytest.mark.slow
-def test_train_py_reports_a_bad_config_in_one_line(tmp_path):
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory in which nothing can be created, even by root (chattr +i), else by this user
+    (chmod 555); the test is skipped where neither holds."""
+    path = tmp_path / "read_only"
+    path.mkdir()
+    undo = []
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        undo = ["chattr", "-i", str(path)]
+    else:
+        path.chmod(0o555)
+    try:
+        (path / "probe").touch()
+    except OSError:
+        yield path
+    else:
+        pytest.skip("cannot make a directory read-only here")
+    finally:
+        if undo:
+            subprocess.run(undo, check=True)
+        path.chmod(0o755)
+
+
+def _no_network():
+    import socket
+
+    try:
+        socket.getaddrinfo("storage.googleapis.com", 443)
+    except OSError:
+        return True
+    return False
+
+
+_BAD_INPUTS = {
+    # case: (flags, what the one line says)
+    "unknown loss": (
+        ["--config.loss.name=nope"],
+        r"config\.loss\.name='nope' is unknown; allowed: ucl, scl, hucl, hscl, supcon$",
+    ),
+    "unknown key": (["--config.foo=1"], r"unknown config field config\.foo; config has: .*seed"),
+    "unknown nested key": (
+        ["--config.model.widht=8"],
+        r"unknown config field config\.model\.widht; config\.model has: .*width",
+    ),
+    "no config file": (
+        ["--config=configs/nope.py"],
+        r"--config=configs/nope\.py is not a file; the recipes are: .*configs/default\.py",
+    ),
+    "batch of one": (
+        ["--config.global_batch_size=1"],
+        r"config\.global_batch_size=1 leaves no anchor a negative: loss 'hscl' .* >= 2 images",
+    ),
+    "remote data_dir": (
+        ["--config.data.data_dir=gs://bucket/tensorflow_datasets"],
+        r"config\.data\.data_dir='gs://bucket/tensorflow_datasets' cannot be reached: host "
+        r"storage\.googleapis\.com does not resolve",
+    ),
+    "workdir is a file": ([], r"workdir '.*' is a file, not a directory"),
+    "read-only workdir": ([], r"workdir '.*' is not writable \(.*\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INPUTS))
+def test_train_py_refuses_bad_input_in_one_line(case, tmp_path, request):
+    flags, message = _BAD_INPUTS[case]
+    workdir = tmp_path / "run"
+    if case == "workdir is a file":
+        workdir.write_text("not a run")
+    if case == "read-only workdir":
+        workdir = request.getfixturevalue("read_only_dir") / "run"
+    if case == "remote data_dir" and not _no_network():
+        pytest.skip("storage.googleapis.com resolves here: the check would pass")
+    command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config=configs/default.py",
-            f"--workdir={tmp_path / 'bad'}",
-            "--config.loss.name=nope",
-        ],
+        command + flags,
         cwd=REPO,
         env=_subprocess_env(tmp_path, 1),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: config.loss.name='nope' is unknown; allowed: ucl, scl, hucl, hscl, supcon"
-    )
-    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert re.match("error: " + message, lines[0]), lines[0]
+    if case not in ("workdir is a file", "read-only workdir"):
+        assert not workdir.exists()  # refused before anything was written
 
 
 _WITHOUT_TENSORFLOW = """
