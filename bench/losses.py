@@ -3,6 +3,9 @@
     python bench/losses.py                 # the table of the README (a few minutes on 2 CPU cores)
     python bench/losses.py --sizes 512 2048 --no-memory
     python bench/losses.py --float32-limit  # float32 vs float64 gradient error over beta and t
+    python bench/losses.py --sizes 2048 --no-memory          # with dense time per hardening
+    python bench/losses.py --sizes 512 --hardening-views 0 --no-dense-memory --memory-views 512 \
+        --queue-size 65536                 # the queue row: 2B = 512, K = 65,536, blocked
 
 For each 2B (number of views) it prints the median fwd+bwd time of H-SCL (beta = 1, d = 128,
 positives="all") dense and blocked, and the ratio to a bare ``z @ z.T`` forward and backward at the
@@ -10,6 +13,9 @@ same size. The memory rows run loss+grad at 2B = 65,536, blocked and then dense,
 process, and report that process's peak resident memory (``VmHWM``), which includes the
 ~0.3 GB of the Python + JAX runtime itself. On CPU the dense path walks the anchors in chunks and
 never holds the (2B x 2B) matrix either; on an accelerator it would need 16 GiB for it.
+The queue row runs the blocked loss+grad at 2B = 512 (batch 256) with a full queue of 65,536
+labelled rows, also in a fresh process. The hardening rows time the dense path per hardening;
+the first two run the very same code (the "exp" path, with ``queue=None``).
 
 ``--float32-limit`` prints, per temperature and beta (as multiples of
 ``losses.float32_beta_limit``), the worst relative error of float32 H-SCL gradients against
@@ -56,11 +62,19 @@ def _median_time(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _loss_and_grad(block_size):
-    def loss(z1, z2, labels):
-        return losses.hscl(z1, z2, labels, beta=1.0, block_size=block_size)
+def _loss_and_grad(block_size, **options):
+    """jit(value_and_grad) of H-SCL; options replace beta=1 (a hardening, a queue...)."""
+    options = options or {"beta": 1.0}
+
+    def loss(z1, z2, labels, queue=None):
+        return losses.hscl(z1, z2, labels, block_size=block_size, queue=queue, **options)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def _queue(size: int, seed: int = 2) -> losses.Queue:
+    z, _, labels = _batch(2 * size, seed)
+    return losses.Queue(z, labels, jnp.ones((size,), bool))
 
 
 @jax.jit
@@ -105,14 +119,58 @@ def _peak_resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux units: KiB
 
 
-def _memory_child(num_views: int, block_size: int) -> None:
+def _hardening_rows(num_views: int, repeats: int) -> None:
+    """Dense fwd+bwd per hardening; the first two rows run the very same code ("exp")."""
     z1, z2, labels = _batch(num_views)
+    rows = (
+        ("default (beta=1)", {}),
+        ('hardening="exp", queue=None', {"beta": 1.0, "hardening": "exp", "queue": None}),
+        ("callable lambda s: 1.0 * s", {"hardening": lambda s: 1.0 * s}),
+        ('"poly", beta=1', {"hardening": "poly", "beta": 1.0}),
+        ('"topk", top_k=64', {"hardening": "topk", "top_k": 64}),
+    )
+    print(f"dense fwd+bwd at 2B={num_views} per hardening (ms):")
+    for name, options in rows:
+        queue = options.pop("queue", None)
+        fn = _loss_and_grad(None, **options)
+        ms = _median_time(fn, z1, z2, labels, queue, repeats=repeats) * 1e3
+        print(f"  {name:<30} {ms:>8.1f}", flush=True)
+
+
+def _memory_child(num_views: int, block_size: int, queue_size: int = 0) -> None:
+    z1, z2, labels = _batch(num_views)
+    queue = _queue(queue_size) if queue_size else None
     start = time.perf_counter()
-    value, grads = _loss_and_grad(block_size or None)(z1, z2, labels)
+    value, grads = _loss_and_grad(block_size or None)(z1, z2, labels, queue)
     jax.block_until_ready(grads)
     wall = time.perf_counter() - start
     peak_mb = _peak_resident_mb()
     print(f"{num_views} {block_size} {peak_mb:.0f} {wall:.1f} {float(value):.4f}")
+
+
+def _memory_row(views: int, block_size: int, queue_size: int = 0) -> None:
+    """Runs one loss+grad in a fresh process and prints its peak resident memory."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            f"--memory-views={views}",
+            f"--memory-block-size={block_size}",
+            f"--queue-size={queue_size}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    views, block, peak_mb, wall, value = out[-5:]
+    path = f"blocked (block_size={block})" if block_size else "dense"
+    queue = f" with a queue of K={queue_size}" if queue_size else ""
+    print(
+        f"{path} loss+grad at 2B={views}{queue}: peak resident memory "
+        f"{float(peak_mb) / 1024:.2f} GB, {wall} s, loss {value}",
+        flush=True,
+    )
 
 
 def _flat_grads(z1, z2, labels, beta, temperature, block_size):
@@ -203,12 +261,17 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--float32-limit", action="store_true", help="the float32 accuracy table")
+    parser.add_argument(
+        "--hardening-views", type=int, help="2B of the hardening rows (largest size; 0: none)"
+    )
+    parser.add_argument("--queue-size", type=int, default=0, help="K of the queue row (0: none)")
+    parser.add_argument("--queue-views", type=int, default=512, help="2B of the queue row")
     args = parser.parse_args()
     if args.float32_limit:
         _float32_limit_table()
         return
     if args.memory_child:
-        _memory_child(args.memory_views, args.memory_block_size)
+        _memory_child(args.memory_views, args.memory_block_size, args.queue_size)
         return
 
     print(
@@ -217,28 +280,15 @@ def main() -> None:
         f"blocked block_size={args.block_size}"
     )
     _time_table(args.sizes, args.block_size, args.repeats)
+    hardening_views = max(args.sizes) if args.hardening_views is None else args.hardening_views
+    if hardening_views:
+        _hardening_rows(hardening_views, args.repeats)
     if args.no_memory:
         return
     for block_size in (args.memory_block_size, 0)[: 1 if args.no_dense_memory else 2]:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--memory-child",
-                f"--memory-views={args.memory_views}",
-                f"--memory-block-size={block_size}",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        views, block, peak_mb, wall, value = out[-5:]
-        path = f"blocked (block_size={block})" if block_size else "dense"
-        print(
-            f"{path} loss+grad at 2B={views}: peak resident memory "
-            f"{float(peak_mb) / 1024:.2f} GB, {wall} s, loss {value}",
-            flush=True,
-        )
+        _memory_row(args.memory_views, block_size)
+    if args.queue_size:
+        _memory_row(args.queue_views, args.memory_block_size, args.queue_size)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ How the kernels are built:
   tiles of the similarity matrix with running log-sum-exp accumulators. The (2B x 2B) matrix is
   never materialised; tiles are recomputed in the backward pass (``jax.checkpoint``).
 
+* ``hardening`` (hscl, hucl): the log-weight of each negative, ``"exp"`` (beta s, default),
+  ``"topk"``, ``"poly"`` or a callable of s; only ``"exp"`` takes the hand-written dense
+  backward, the others are differentiated automatically (dense: one tile; blocked: tiles).
+* ``queue`` (every loss): a ``Queue`` of labelled extra contrast rows, constants for autodiff,
+  appended after the batch's views (dense) or walked as tiles after the batch's (blocked).
+
 Hyper-parameters (``beta``, ``temperature``, ``tau_plus``) are validated eagerly when they are
 concrete numbers and are traced into the compiled kernel, so sweeping them does not recompile; a
 traced value (``jax.vmap`` over ``beta``, say) is accepted unchecked.
@@ -120,17 +126,44 @@ class _Spec:
     family: str  # "tilted" (UCL/SCL/H-UCL/H-SCL) or "supcon"
     negatives: str  # "other_class" | "other_views" (not self, not partner) | "not_self"
     positives: str  # "all" | "partner"
-    tilted: bool = False  # beta > 0
+    tilted: bool = False  # the negatives carry log-weights (beta > 0, "poly", a callable)
     detach_weights: bool = False
     debiased: bool = False  # tau_plus > 0
     clamp: bool = False
     with_aux: bool = False
+    hardening: str = "exp"  # "exp" | "topk" | "poly" | "callable"
+    log_weight: Callable[[Array], Array] | None = None  # the user's function, "callable" only
+    top_k: int | None = None
+    queue: bool = False  # a Queue of extra contrast rows is passed
+    queue_as_positives: bool = False
+    queue_q: str = "fixed"
 
 
 class _Hyper(NamedTuple):
     beta: Any
     temperature: Any
     tau_plus: Any
+
+
+class Queue(NamedTuple):
+    """Labelled extra contrast rows, e.g. a MoCo-style FIFO of key projections.
+
+    Attributes:
+      z: (K, d) L2-normalised projections. Treated as constants: no gradient reaches them.
+      labels: (K,) integer class ids (ignored by ucl and hucl).
+      valid: (K,) bool; False marks a row not filled yet, which is left out of every mask
+        (never contrasted as a zero vector).
+
+    Queue rows are never anchors. As negatives they enter as the batch's views would: the
+    other-class rows for scl/hscl/supcon, every valid row for ucl/hucl. Same-label rows are
+    positives of the supervised losses only with ``queue_as_positives=True`` (and then SupCon's
+    contrast set holds them too); otherwise they are left out. Under ``pmap`` the queue is the
+    same on every device and is not gathered.
+    """
+
+    z: Array
+    labels: Array
+    valid: Array
 
 
 # ----------------------------------------------------------------------------- validation
@@ -191,6 +224,82 @@ def _check_inputs(z1, z2, labels, block_size) -> None:
         raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}")
 
 
+HARDENINGS = ("exp", "topk", "poly")
+QUEUE_Q_MODES = ("fixed", "grows")
+# "poly" floors 1 + cos here, so that a negative exactly opposite the anchor gets a tiny weight
+# rather than log(0) and an infinite derivative.
+_POLY_MIN_ONE_PLUS_COS = 1e-6
+
+
+def _check_hardening(hardening: Any, beta: Any, top_k: Any):
+    """(spec fields, beta to trace) for a hardening; beta is left out where it is not used."""
+    if callable(hardening):
+        name = "callable"
+    elif isinstance(hardening, str) and hardening in HARDENINGS:
+        name = hardening
+    else:
+        raise ValueError(
+            f"hardening must be one of {HARDENINGS} or a callable s -> log-weight, "
+            f"got {hardening!r}"
+        )
+    shown = "a callable" if name == "callable" else repr(name)
+    if name in ("exp", "poly"):
+        if beta is None:
+            raise ValueError(f"beta is required with hardening={shown}, got None")
+        beta = _check_number("beta", beta, low=0.0, low_inclusive=True)
+    elif beta is not None:
+        raise ValueError(
+            f"beta is not used with hardening={shown}, got beta={beta!r}; leave it out"
+            + (" (fold it into the callable)" if name == "callable" else "")
+        )
+    if name == "topk":
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise ValueError(
+                f"top_k must be a positive integer with hardening='topk', got {top_k!r}"
+            )
+        top_k = int(top_k)
+    elif top_k is not None:
+        raise ValueError(f"top_k is used with hardening='topk' only, got top_k={top_k!r}")
+    fields = {
+        "hardening": name,
+        "log_weight": hardening if name == "callable" else None,
+        "top_k": top_k,
+        "tilted": name in ("poly", "callable") or (name == "exp" and _maybe_positive(beta)),
+    }
+    return fields, (0.0 if beta is None else beta)
+
+
+def _check_queue(queue: Any, z1, queue_q: Any, queue_as_positives: Any = False):
+    """(spec fields, the queue as arrays) for the queue options."""
+    if queue_q not in QUEUE_Q_MODES:
+        raise ValueError(f"queue_q must be one of {QUEUE_Q_MODES}, got {queue_q!r}")
+    if not isinstance(queue_as_positives, bool):
+        raise ValueError(f"queue_as_positives must be True or False, got {queue_as_positives!r}")
+    if queue is None:
+        return {}, None
+    if not isinstance(queue, tuple) or len(queue) != 3:
+        raise ValueError(f"queue must be a losses.Queue(z, labels, valid) or None, got {queue!r}")
+    z, labels, valid = queue
+    dim = jnp.shape(z1)[-1] if len(jnp.shape(z1)) == 2 else None
+    if len(jnp.shape(z)) != 2 or jnp.shape(z)[1] != dim:
+        raise ValueError(f"queue.z must have shape (K, {dim}) to match z1, got {jnp.shape(z)}")
+    size = jnp.shape(z)[0]
+    if not jnp.issubdtype(jnp.result_type(z), jnp.floating):
+        raise ValueError(f"queue.z must be floating point, got dtype {jnp.result_type(z)}")
+    if jnp.shape(labels) != (size,) or not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(
+            f"queue.labels must be integers of shape ({size},), got "
+            f"{jnp.result_type(labels)} {jnp.shape(labels)}"
+        )
+    if jnp.shape(valid) != (size,) or jnp.result_type(valid) != jnp.bool_:
+        raise ValueError(
+            f"queue.valid must be booleans of shape ({size},), got "
+            f"{jnp.result_type(valid)} {jnp.shape(valid)}"
+        )
+    fields = {"queue": True, "queue_as_positives": queue_as_positives, "queue_q": queue_q}
+    return fields, Queue(z, labels, valid)
+
+
 def _maybe_positive(value) -> bool:
     """Whether a hyper-parameter may be > 0: the general code path serves a traced value."""
     return isinstance(value, jax.core.Tracer) or value > 0
@@ -246,18 +355,57 @@ class _AnchorKernel:
     def __init__(self, spec: _Spec, hyper: _Hyper):
         self.spec, self.hyper = spec, hyper
         self.tilted = spec.tilted
+        # Log-weights that are not beta * s: each sum keeps its own running max.
+        self.nonlinear = spec.hardening in ("poly", "callable")
 
     def init(self, dtype) -> dict[str, Array]:
         zero, neg_inf = jnp.zeros((), dtype), jnp.full((), -jnp.inf, dtype)
-        state = {"s_max": neg_inf, "hi_sum": zero, "n_neg": zero, "n_pos": zero}
-        if self.tilted:
-            state["lo_sum"] = zero
+        sums = ("hi", "lo", "sq") if self.spec.with_aux else ("hi", "lo")
+        if self.nonlinear:
+            state = {
+                f"{name}_{part}": v
+                for name in sums
+                for part, v in (("max", neg_inf), ("sum", zero))
+            }
+        else:
+            state = {"s_max": neg_inf, "hi_sum": zero}
+            if self.tilted:
+                state.update({f"{name}_sum": zero for name in sums[1:]})
+        state.update(n_neg=zero, n_pos=zero)
+        if self.spec.hardening == "topk":
+            # The k-th largest negative similarity of the anchor, set by _topk_thresholds.
+            state["neg_threshold"] = neg_inf
         if self.spec.family == "supcon" or self.spec.with_aux:
             state["pos_s_sum"] = zero
         if self.spec.with_aux:
             state.update(neg_s_sum=zero, n_neg_aux=zero)
-            if self.tilted:
-                state["sq_sum"] = zero
+        return state
+
+    def log_weight(self, s):
+        """log w(s) of the "poly" hardening or the user's callable, elementwise."""
+        if self.spec.hardening == "poly":
+            cos = s * self.hyper.temperature
+            return self.hyper.beta * jnp.log(jnp.maximum(1.0 + cos, _POLY_MIN_ONE_PLUS_COS))
+        return self.spec.log_weight(s)
+
+    def _accumulate_nonlinear(self, state, s_row, neg_row):
+        """The sums of exp(s + log w), exp(log w) and exp(2 log w) over the negatives."""
+        block_max = lax.stop_gradient(jnp.max(jnp.where(neg_row, s_row, -jnp.inf)))
+        # Masked entries get a real negative's similarity: the user's function is then never
+        # evaluated (nor differentiated) outside the range it is meant for.
+        fill = jnp.where(jnp.isfinite(block_max), block_max, 0.0)
+        s_in = jnp.where(neg_row, s_row, fill)
+        log_w = self.log_weight(s_in)
+        log_w_held = self.log_weight(lax.stop_gradient(s_in)) if self.spec.detach_weights else log_w
+        for name, x in (("hi", s_in + log_w_held), ("lo", log_w)):
+            state[f"{name}_max"], state[f"{name}_sum"] = _masked_lse_update(
+                state[f"{name}_max"], state[f"{name}_sum"], x, neg_row
+            )
+        if self.spec.with_aux:
+            sq_max, sq_sum = _masked_lse_update(
+                state["sq_max"], state["sq_sum"], 2.0 * lax.stop_gradient(log_w), neg_row
+            )
+            state["sq_max"], state["sq_sum"] = lax.stop_gradient((sq_max, sq_sum))
         return state
 
     def accumulate(self, state, s_row, pos_row, neg_row, aux_neg_row):
@@ -273,6 +421,19 @@ class _AnchorKernel:
         """
         spec, state = self.spec, dict(state)
         beta = self.hyper.beta
+        if spec.hardening == "topk":  # ties with the k-th hardest negative are kept
+            neg_row = neg_row & (s_row >= state["neg_threshold"])
+        state["n_neg"] = state["n_neg"] + jnp.sum(neg_row, dtype=s_row.dtype)
+        state["n_pos"] = state["n_pos"] + jnp.sum(pos_row, dtype=s_row.dtype)
+        if "pos_s_sum" in state:
+            state["pos_s_sum"] = state["pos_s_sum"] + jnp.sum(jnp.where(pos_row, s_row, 0.0))
+        if spec.with_aux:
+            s_const = lax.stop_gradient(s_row)
+            state["neg_s_sum"] = state["neg_s_sum"] + jnp.sum(jnp.where(aux_neg_row, s_const, 0.0))
+            state["n_neg_aux"] = state["n_neg_aux"] + jnp.sum(aux_neg_row, dtype=s_row.dtype)
+        if self.nonlinear:
+            return self._accumulate_nonlinear(state, s_row, neg_row)
+
         block_max = lax.stop_gradient(jnp.max(jnp.where(neg_row, s_row, -jnp.inf)))
         old_max = state["s_max"]
         new_max = jnp.maximum(old_max, block_max)
@@ -293,17 +454,9 @@ class _AnchorKernel:
             state["lo_sum"] = fold(state["lo_sum"], beta, beta * centred)
         else:
             state["hi_sum"] = fold(state["hi_sum"], 1.0, centred)
-        state["n_neg"] = state["n_neg"] + jnp.sum(neg_row, dtype=s_row.dtype)
-        state["n_pos"] = state["n_pos"] + jnp.sum(pos_row, dtype=s_row.dtype)
-        if "pos_s_sum" in state:
-            state["pos_s_sum"] = state["pos_s_sum"] + jnp.sum(jnp.where(pos_row, s_row, 0.0))
-        if spec.with_aux:
-            s_const = lax.stop_gradient(s_row)
-            state["neg_s_sum"] = state["neg_s_sum"] + jnp.sum(jnp.where(aux_neg_row, s_const, 0.0))
-            state["n_neg_aux"] = state["n_neg_aux"] + jnp.sum(aux_neg_row, dtype=s_row.dtype)
-            if self.tilted:
-                sq = fold(state["sq_sum"], 2.0 * beta, 2.0 * beta * lax.stop_gradient(centred))
-                state["sq_sum"] = lax.stop_gradient(sq)
+        if spec.with_aux and self.tilted:
+            sq = fold(state["sq_sum"], 2.0 * beta, 2.0 * beta * lax.stop_gradient(centred))
+            state["sq_sum"] = lax.stop_gradient(sq)
         return state
 
     def log_sum(self, state, name):
@@ -316,6 +469,12 @@ class _AnchorKernel:
         log_mu = LSE((beta+1) s) - LSE(beta s) = m + log hi_sum - log lo_sum: the terms beta m
         cancel exactly instead of in rounded arithmetic.
         """
+        if self.nonlinear:
+            log_hi = _lse_value(state["hi_max"], state["hi_sum"])
+            log_lo = _lse_value(state["lo_max"], state["lo_sum"])
+            if self.spec.detach_weights:
+                log_lo = lax.stop_gradient(log_lo)
+            return jnp.where(valid, jnp.where(valid, log_hi - log_lo, 0.0), 0.0)
         m = jnp.where(valid, state["s_max"], 0.0)
         log_hi = self.log_sum(state, "hi_sum")
         if self.tilted:
@@ -395,7 +554,10 @@ class _AnchorKernel:
 
 
 class ContrastViews(NamedTuple):
-    """Embeddings with the metadata the masks need: global view index, label, padding flag."""
+    """Embeddings with the metadata the masks need: global view index, label, padding flag.
+
+    Queue rows are numbered -2, -3, ... (-1 marks padding): never an anchor, never a partner.
+    """
 
     z: Array
     index: Array
@@ -408,17 +570,44 @@ def _tile_masks(spec: _Spec, rows: ContrastViews, partner_index: Array, cols: Co
     not_self = rows.index[:, None] != cols.index[None, :]
     real = rows.real[:, None] & cols.real[None, :]
     other_class = ~same_label & real
+    # Same-label queue rows: positives with queue_as_positives, otherwise in no mask at all.
+    unused = None
+    if spec.queue and not spec.queue_as_positives:
+        unused = same_label & (cols.index[None, :] <= _FIRST_QUEUE_INDEX)
     if spec.positives == "partner":
         pos = None  # the partner's similarity is computed directly
     else:
         pos = same_label & not_self & real
+        if unused is not None:
+            pos = pos & ~unused
     if spec.negatives == "other_class":
         return pos, other_class, other_class
     if spec.negatives == "other_views":
         neg = not_self & (partner_index[:, None] != cols.index[None, :]) & real
         return pos, neg, neg
     # SupCon's contrast set holds the positives too; its reported negatives are the other classes.
-    return pos, not_self & real, other_class
+    contrast = not_self & real
+    if unused is not None:
+        contrast = contrast & ~unused
+    return pos, contrast, other_class
+
+
+_FIRST_QUEUE_INDEX = -2
+
+
+def _queue_views(queue: Queue, dtype) -> ContrastViews:
+    """The queue as contrast rows: constants for autodiff, numbered -2, -3, ..."""
+    size = queue.z.shape[0]
+    return ContrastViews(
+        lax.stop_gradient(jnp.asarray(queue.z)).astype(dtype),
+        _FIRST_QUEUE_INDEX - jnp.arange(size),
+        jnp.asarray(queue.labels, jnp.int32),
+        jnp.asarray(queue.valid, bool),
+    )
+
+
+def _concat_views(a: ContrastViews, b: ContrastViews | None) -> ContrastViews:
+    return a if b is None else jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
 
 def _similarities(rows: ContrastViews, cols: ContrastViews, temperature, dtype) -> Array:
@@ -480,7 +669,8 @@ def _valid_anchors(spec: _Spec, state, real: Array) -> Array:
 
 
 class _DenseMeta(NamedTuple):
-    """The integer and boolean inputs of the dense path: no cotangent."""
+    """The inputs of the dense path that get no cotangent: indices, labels and masks, log Q
+    (a count), and the queue's rows (constants)."""
 
     row_index: Array
     row_label: Array
@@ -489,6 +679,14 @@ class _DenseMeta(NamedTuple):
     col_index: Array
     col_label: Array
     col_real: Array
+    log_q: Array
+    queue: ContrastViews | None
+
+
+def _dense_cols(z_cols: Array, meta: _DenseMeta) -> ContrastViews:
+    """The contrast set: the batch's views, then the queue's rows."""
+    cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real)
+    return _concat_views(cols, meta.queue)
 
 
 def _dense_chunks(chunk: int, z_rows: Array, meta: _DenseMeta):
@@ -505,7 +703,7 @@ def _over_chunks(fn, carry, chunks):
     return carry, jax.tree.map(lambda x: x[None], out)
 
 
-def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, keep_s=False):
+def _dense_forward(spec, chunk, z_rows, z_cols, beta, temperature, meta, keep_s=False):
     """(log_mu, positive sums or None, state, similarities or None), each (num_chunks, chunk, ...).
 
     The chunk layout is kept for the backward pass; _dense_terms flattens the outputs.
@@ -513,7 +711,7 @@ def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, 
     dtype = jnp.result_type(beta)
     hyper = _Hyper(beta, temperature, 0.0)
     kernel = _AnchorKernel(spec, hyper)
-    cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real)
+    cols = _dense_cols(z_cols, meta)
     row_chunks, partner_chunks = _dense_chunks(chunk, z_rows, meta)
 
     def one_chunk(_, args):
@@ -525,35 +723,38 @@ def _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, 
         log_mu = jax.vmap(kernel.log_mu)(state, valid)
         pairs = None
         if spec.positives == "all":
-            pairs = jnp.where(valid, jax.vmap(kernel.positive_sum)(log_q + log_mu, s, pos), 0.0)
+            offset = meta.log_q + log_mu
+            pairs = jnp.where(valid, jax.vmap(kernel.positive_sum)(offset, s, pos), 0.0)
         return None, (log_mu, pairs, state, (s if keep_s else None))
 
     return _over_chunks(one_chunk, None, (row_chunks, partner_chunks))[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _dense_terms_vjp(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
-    return _dense_forward(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta)[:3]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dense_terms_vjp(spec, chunk, z_rows, z_cols, beta, temperature, meta):
+    return _dense_forward(spec, chunk, z_rows, z_cols, beta, temperature, meta)[:3]
 
 
-def _dense_terms_fwd(spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta):
-    keep_s = z_rows.shape[0] * z_cols.shape[0] <= _MAX_SAVED_SIMILARITIES
+def _dense_terms_fwd(spec, chunk, z_rows, z_cols, beta, temperature, meta):
+    n_cols = z_cols.shape[0] + (0 if meta.queue is None else meta.queue.z.shape[0])
+    keep_s = z_rows.shape[0] * n_cols <= _MAX_SAVED_SIMILARITIES
     log_mu, pairs, state, s = _dense_forward(
-        spec, log_q, chunk, z_rows, z_cols, beta, temperature, meta, keep_s
+        spec, chunk, z_rows, z_cols, beta, temperature, meta, keep_s
     )
     return (log_mu, pairs, state), (z_rows, z_cols, beta, temperature, meta, log_mu, state, s)
 
 
-def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
+def _dense_terms_bwd(spec, chunk, residuals, cotangents):
     z_rows, z_cols, beta, temperature, meta, log_mu, state, saved_s = residuals
     g_log_mu, g_pairs, _ = cotangents  # the state holds counts and statistics: no gradient
     dtype = jnp.result_type(beta)
     hyper = _Hyper(beta, temperature, 0.0)
     kernel = _AnchorKernel(spec, hyper)
-    cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real)
+    cols = _dense_cols(z_cols, meta)
     row_chunks, partner_chunks = _dense_chunks(chunk, z_rows, meta)
     cotangent_row = jax.vmap(kernel.similarity_cotangent)
-    z_cols_wide = z_cols.astype(dtype)
+    z_cols_wide = cols.z.astype(dtype)
+    n_batch_cols = z_cols.shape[0]  # the queue's rows are constants: no gradient for them
 
     def one_chunk(carry, args):
         dz_cols, d_beta, d_temperature = carry
@@ -565,12 +766,12 @@ def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
         g_log_mu_valid = jnp.where(valid, chunk_g_log_mu, 0.0)
         g_pairs_valid = None if chunk_g_pairs is None else jnp.where(valid, chunk_g_pairs, 0.0)
         g_s, g_beta_rows = cotangent_row(
-            chunk_state, s, pos, neg, log_q + chunk_log_mu, g_log_mu_valid, g_pairs_valid
+            chunk_state, s, pos, neg, meta.log_q + chunk_log_mu, g_log_mu_valid, g_pairs_valid
         )
         # s = z_rows z_cols^T / t.
         g_s = g_s / temperature
         dz_rows = jnp.matmul(g_s, z_cols_wide)
-        dz_cols = dz_cols + jnp.matmul(g_s.T, rows.z.astype(dtype))
+        dz_cols = dz_cols + jnp.matmul(g_s[:, :n_batch_cols].T, rows.z.astype(dtype))
         d_temperature = d_temperature - jnp.sum(g_s * s)
         return (dz_cols, d_beta + jnp.sum(g_beta_rows), d_temperature), dz_rows
 
@@ -592,7 +793,7 @@ def _dense_terms_bwd(spec, log_q, chunk, residuals, cotangents):
 _dense_terms_vjp.defvjp(_dense_terms_fwd, _dense_terms_bwd)
 
 
-def _dense_terms(spec: _Spec, hyper: _Hyper, rows, partner, cols, log_q: float):
+def _dense_terms(spec: _Spec, hyper: _Hyper, rows, partner, cols, queue, log_q):
     """log_mu, the positive sums ("all" only) and the state of every anchor, over full rows.
 
     The tilted family's dense path: the forward pass runs the per-anchor kernel over chunks of
@@ -602,10 +803,20 @@ def _dense_terms(spec: _Spec, hyper: _Hyper, rows, partner, cols, log_q: float):
     differentiating through every masked log-sum-exp.
     """
     n_rows = rows.z.shape[0]
-    chunk = _rows_per_chunk(n_rows, cols.z.shape[0])
-    meta = _DenseMeta(rows.index, rows.label, rows.real, partner, cols.index, cols.label, cols.real)
+    chunk = _rows_per_chunk(n_rows, cols.z.shape[0] + (0 if queue is None else queue.z.shape[0]))
+    meta = _DenseMeta(
+        rows.index,
+        rows.label,
+        rows.real,
+        partner,
+        cols.index,
+        cols.label,
+        cols.real,
+        jnp.asarray(log_q, hyper.beta.dtype),
+        queue,
+    )
     log_mu, pairs, state = _dense_terms_vjp(
-        spec, log_q, chunk, rows.z, cols.z, hyper.beta, hyper.temperature, meta
+        spec, chunk, rows.z, cols.z, hyper.beta, hyper.temperature, meta
     )
     log_mu, pairs, state = jax.tree.map(lambda x: x.reshape(-1)[:n_rows], (log_mu, pairs, state))
     return log_mu, pairs, lax.stop_gradient(state)
@@ -618,19 +829,36 @@ def _anchor_terms(
     partner: Array,
     s_partner: Array,
     cols: ContrastViews,
-    log_q: float,
+    queue: ContrastViews | None,
+    log_q,
     block_size: int | None,
     dtype,
 ):
     """Per-anchor loss sums and counts (and aux parts), summed over the anchors in ``rows``.
 
-    ``cols`` is the contrast set; with ``block_size`` it comes already padded and stacked into
-    (num_blocks, block_size, ...) tiles, made once outside the loop over row blocks so that no
-    copy of it becomes a per-iteration residual of the backward pass.
+    ``cols`` is the batch's contrast set and ``queue`` the queue's rows (or None); with
+    ``block_size`` both come already padded and stacked into (num_blocks, block_size, ...)
+    tiles, made once outside the loop over row blocks so that no copy of them becomes a
+    per-iteration residual of the backward pass. The queue's tiles are walked after the batch's,
+    as constants: the backward pass computes no gradient for them.
     """
     kernel = _AnchorKernel(spec, hyper)
     vaccumulate = jax.vmap(kernel.accumulate)
     n_rows = rows.z.shape[0]
+    if block_size is None:  # one tile of each
+        cols_tiles, queue_tiles = jax.tree.map(lambda x: x[None], (cols, queue))
+    else:
+        cols_tiles, queue_tiles = cols, queue
+
+    def over_tiles(fn, carry, with_queue=True):
+        """Folds fn(carry, tile) over the batch's tiles, then the queue's."""
+        body = lambda c, tile: (fn(c, tile), None)  # noqa: E731
+        if block_size is not None:  # tiles are recomputed in the backward pass
+            body = jax.checkpoint(body)
+        for tiles in (cols_tiles, queue_tiles if with_queue else None):
+            if tiles is not None:
+                carry, _ = _over_chunks(body, carry, tiles)
+        return carry
 
     def stats_of_tile(state, col_tile: ContrastViews):
         return vaccumulate(state, *_tile(spec, hyper, rows, partner, col_tile, dtype))
@@ -641,14 +869,14 @@ def _anchor_terms(
 
     dense_log_mu = dense_pairs = None
     state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
-    if block_size is None and spec.family == "tilted":
-        dense_log_mu, dense_pairs, state = _dense_terms(spec, hyper, rows, partner, cols, log_q)
-    elif block_size is None:  # SupCon: one matrix, differentiated automatically
-        state = stats_of_tile(state0, cols)
-    else:
-        col_tiles = cols
-        body = jax.checkpoint(lambda st, tile: (stats_of_tile(st, tile), None))
-        state, _ = lax.scan(body, state0, col_tiles)
+    if spec.hardening == "topk":
+        state0["neg_threshold"] = _topk_thresholds(spec, hyper, rows, partner, over_tiles, dtype)
+    if block_size is None and spec.family == "tilted" and spec.hardening == "exp":
+        dense_log_mu, dense_pairs, state = _dense_terms(
+            spec, hyper, rows, partner, cols, queue, log_q
+        )
+    else:  # blocked, SupCon, hardenings other than "exp": differentiated automatically
+        state = over_tiles(stats_of_tile, state0)
 
     valid = _valid_anchors(spec, state, rows.real)
     n_pos = _positive_counts(spec, state)
@@ -675,17 +903,22 @@ def _anchor_terms(
             elif dense_pairs is not None:
                 pair_sum = dense_pairs
             else:
-                body = jax.checkpoint(
-                    lambda acc, tile: (acc + positives_of_tile(offset, tile), None)
+                pair_sum = over_tiles(
+                    lambda acc, tile: acc + positives_of_tile(offset, tile),
+                    jnp.zeros((n_rows,), dtype),
+                    with_queue=spec.queue_as_positives,
                 )
-                pair_sum, _ = lax.scan(body, jnp.zeros((n_rows,), dtype), col_tiles)
             anchor_sum = jnp.where(valid, pair_sum, 0.0)
             anchor_count = jnp.where(valid, n_pos, 0.0)
 
     aux_parts = None
     if spec.with_aux:
         pos_s = state["pos_s_sum"] if spec.positives == "all" else s_partner
-        if kernel.tilted:
+        if kernel.nonlinear:
+            log_w = _lse_value(state["lo_max"], state["lo_sum"])
+            log_w2 = _lse_value(state["sq_max"], state["sq_sum"])
+            ess = jnp.exp(jnp.where(valid, 2.0 * log_w - log_w2, 0.0))
+        elif kernel.tilted:
             # (sum w)^2 / sum w^2, w = exp(beta s): the factors exp(beta m) cancel.
             log_w = kernel.log_sum(state, "lo_sum")
             log_w2 = kernel.log_sum(state, "sq_sum")
@@ -702,6 +935,24 @@ def _anchor_terms(
         }
         aux_parts = jax.tree.map(jnp.sum, aux_parts)
     return jnp.sum(anchor_sum), jnp.sum(anchor_count), aux_parts
+
+
+def _topk_thresholds(spec: _Spec, hyper: _Hyper, rows, partner, over_tiles, dtype) -> Array:
+    """Each anchor's k-th largest negative similarity (-inf with fewer than k negatives).
+
+    One pass over the tiles before the loss, carrying each anchor's running k largest: memory
+    (rows x k) on the blocked path. Constants for autodiff: the selection is piecewise constant.
+    """
+    rows = jax.tree.map(lax.stop_gradient, rows)
+
+    def top_of_tile(top, col_tile: ContrastViews):
+        col_tile = jax.tree.map(lax.stop_gradient, col_tile)
+        s, _, neg, _ = _tile(spec, hyper, rows, partner, col_tile, dtype)
+        merged = jnp.concatenate([top, jnp.where(neg, lax.stop_gradient(s), -jnp.inf)], axis=1)
+        return lax.top_k(merged, spec.top_k)[0]
+
+    top = over_tiles(top_of_tile, jnp.full((rows.z.shape[0], spec.top_k), -jnp.inf, dtype))
+    return top[:, -1]
 
 
 def contrast_views(z1, z2, labels, axis_name=None) -> tuple[ContrastViews, Array, ContrastViews]:
@@ -745,7 +996,7 @@ def masked_logsumexp(x: Array, mask: Array) -> Array:
 
 
 @jax.named_call
-def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_size):
+def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, queue, axis_name, block_size):
     dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
     hyper = _Hyper(*(jnp.asarray(h, dtype) for h in hyper))
     rows, partner, cols = contrast_views(z1, z2, labels, axis_name)
@@ -754,13 +1005,35 @@ def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_si
     s_partner = jnp.sum(z_rows32 * z_partner32, axis=-1) / hyper.temperature
     # Q = 2B - 2 over the global batch; log(0) for B = 1 leaves no valid anchor anyway.
     log_q = math.log(max(n_views - 2, 1))
+    queue_views = None
+    if queue is not None:
+        queue_views = _queue_views(queue, cols.z.dtype)
+        if spec.queue_q == "grows":  # Q counts the queue's filled rows too
+            filled = jnp.sum(queue_views.real, dtype=dtype)
+            log_q = jnp.log(jnp.maximum(n_views - 2 + filled, 1.0))
 
     def terms(row_views: ContrastViews, row_partner, row_s_partner):
         return _anchor_terms(
-            spec, hyper, row_views, row_partner, row_s_partner, contrast, log_q, block_size, dtype
+            spec,
+            hyper,
+            row_views,
+            row_partner,
+            row_s_partner,
+            contrast,
+            queue_contrast,
+            log_q,
+            block_size,
+            dtype,
         )
 
-    contrast = cols if block_size is None else _pad_blocks(cols, block_size)
+    if block_size is None:
+        contrast, queue_contrast = cols, queue_views
+    else:
+        contrast, queue_contrast = jax.tree.map(
+            lambda views: _pad_blocks(views, block_size),
+            (cols, queue_views),
+            is_leaf=lambda x: isinstance(x, ContrastViews),
+        )
     if block_size is None:
         total, count, aux_parts = terms(rows, partner, s_partner)
     else:
@@ -804,15 +1077,15 @@ def _contrastive(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_si
     return loss, aux
 
 
-_contrastive_jit = jax.jit(_contrastive, static_argnums=(0, 5, 6))
+_contrastive_jit = jax.jit(_contrastive, static_argnums=(0, 6, 7))
 
 
-def _run(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_size):
+def _run(spec: _Spec, hyper: _Hyper, z1, z2, labels, axis_name, block_size, queue=None):
     _check_inputs(z1, z2, labels, block_size)
     if axis_name is None:
-        return _contrastive_jit(spec, hyper, z1, z2, labels, None, block_size)
+        return _contrastive_jit(spec, hyper, z1, z2, labels, queue, None, block_size)
     # Collectives need the enclosing pmap's trace; jit-in-pmap would inline anyway.
-    return _contrastive(spec, hyper, z1, z2, labels, axis_name, block_size)
+    return _contrastive(spec, hyper, z1, z2, labels, queue, axis_name, block_size)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -823,28 +1096,56 @@ def hscl(
     z2,
     labels,
     *,
-    beta,
+    beta=None,
     temperature=0.5,
     positives="all",
     detach_weights=False,
+    hardening="exp",
+    top_k=None,
+    queue=None,
+    queue_as_positives=False,
+    queue_q="fixed",
     axis_name=None,
     block_size=None,
     return_aux=False,
 ):
     """H-SCL: supervised contrastive loss with hard negatives (SPEC.md, "The four losses").
 
-    Negatives are the other-class views, tilted towards the anchor by ``exp(beta * s)`` and
-    estimated by self-normalised importance sampling; ``beta = 0`` is SCL exactly.
+    Negatives are the other-class views, tilted towards the anchor and estimated by
+    self-normalised importance sampling: with log-weights ``log w(s)`` over the anchor's
+    negatives, ``log mu = LSE_k(s_k + log w_k) - LSE_k(log w_k)``. ``beta = 0`` is SCL exactly.
 
     Args:
       z1, z2: (B, d) L2-normalised projections of the two views.
       labels: (B,) integer class ids.
-      beta: hardness, >= 0.
+      beta: hardness, >= 0; required by the "exp" and "poly" hardenings, refused by the others.
       temperature: t in s = z . z' / t, > 0 (the reference hard-codes 0.5).
       positives: "all" (every other same-label view, the reference training script) or
         "partner" (the other view only, the reference loss-comparison script).
-      detach_weights: hold the importance weights exp(beta s) constant in the backward pass;
+      detach_weights: hold the importance weights w constant in the backward pass;
         same value, different gradient ("detached" in the golden file).
+      hardening: how negatives are weighted, q(x-|x) proportional to w(s(x, x-)) p(x-|class):
+        "exp" (default, the paper): log w = beta s. Backward written by hand on the dense
+          path.
+        "topk": w = 1 for the ``top_k`` largest negative similarities of the anchor, 0 for
+          the rest (mu is the plain mean of exp(s) over them); a negative tied with the k-th
+          largest is kept, so ties keep more than k. No beta. With k at least the number of
+          negatives it is SCL. The blocked path finds the k-th largest in one more pass over
+          the tiles, carrying each anchor's running top k.
+        "poly": w = (1 + cos)^beta, cos = t s, a polynomial rather than exponential tilt
+          (1 + cos floored at 1e-6); beta = 0 is SCL.
+        a callable: receives the scaled similarity s (any shape) and returns log w
+          elementwise, e.g. ``lambda s: 2.0 * s`` is "exp" at beta 2. No beta (fold it into
+          the function). Pass the same function object to reuse the compiled kernel.
+        Every hardening but "exp" is differentiated automatically, on both paths.
+      top_k: k of the "topk" hardening, a positive integer.
+      queue: a ``Queue(z, labels, valid)`` of extra contrast rows (see ``Queue``), or None.
+      queue_q: "fixed" (default): Q = 2B - 2 as without a queue, so the queue only sharpens
+        the estimate of mu and the loss being estimated does not change with K (nor while the
+        queue fills up); "grows": Q = 2B - 2 + the number of filled queue rows, the batch-only
+        loss on the batch and the queue together (the sum over all contrast rows of MoCo and
+        SimCLR).
+      queue_as_positives: same-label queue rows are positives (with positives="all").
       axis_name: pmap axis name; contrasts each device's anchors with the global batch.
       block_size: compute over block_size x block_size tiles without the full matrix.
       return_aux: also return a LossAux of batch statistics.
@@ -852,8 +1153,10 @@ def hscl(
     Returns:
       The flat mean of l_ij over all valid (anchor, positive) pairs, or (loss, LossAux).
     """
+    hardening_fields, beta = _check_hardening(hardening, beta, top_k)
+    queue_fields, queue = _check_queue(queue, z1, queue_q, queue_as_positives)
     hyper = _Hyper(
-        beta=_check_number("beta", beta, low=0.0, low_inclusive=True),
+        beta=beta,
         temperature=_check_number("temperature", temperature, low=0.0, low_inclusive=False),
         tau_plus=0.0,
     )
@@ -861,11 +1164,12 @@ def hscl(
         family="tilted",
         negatives="other_class",
         positives=_check_positives(positives),
-        tilted=_maybe_positive(hyper.beta),
-        detach_weights=bool(detach_weights) and _maybe_positive(hyper.beta),
+        detach_weights=bool(detach_weights) and hardening_fields["tilted"],
         with_aux=bool(return_aux),
+        **hardening_fields,
+        **queue_fields,
     )
-    return _run(spec, hyper, z1, z2, labels, axis_name, block_size)
+    return _run(spec, hyper, z1, z2, labels, axis_name, block_size, queue)
 
 
 def scl(
@@ -875,6 +1179,9 @@ def scl(
     *,
     temperature=0.5,
     positives="all",
+    queue=None,
+    queue_as_positives=False,
+    queue_q="fixed",
     axis_name=None,
     block_size=None,
     return_aux=False,
@@ -887,6 +1194,9 @@ def scl(
         beta=0.0,
         temperature=temperature,
         positives=positives,
+        queue=queue,
+        queue_as_positives=queue_as_positives,
+        queue_q=queue_q,
         axis_name=axis_name,
         block_size=block_size,
         return_aux=return_aux,
@@ -897,24 +1207,32 @@ def hucl(
     z1,
     z2,
     *,
-    beta,
+    beta=None,
     temperature=0.5,
     tau_plus=0.0,
     clamp=False,
+    hardening="exp",
+    top_k=None,
+    queue=None,
+    queue_q="fixed",
     axis_name=None,
     block_size=None,
     return_aux=False,
 ):
     """H-UCL (Robinson et al. 2021): label-free hard negatives with debiasing.
 
-    Negatives are every view but the anchor and its partner; the partner is the only positive.
+    Negatives are every view but the anchor and its partner (and every filled queue row); the
+    partner is the only positive.
     ``Ng = Q (mu_hat - tau_plus exp(s_partner)) / (1 - tau_plus)``, floored at 0 and, with
     ``clamp=True``, clamped below at ``Q exp(-1/temperature)`` as in Robinson's code; the loss is
     the mean over anchors of ``log(1 + Ng exp(-s_partner))``. ``tau_plus = 0`` without clamp is the
     paper's comparison setting; Robinson's own default is ``tau_plus=0.1, clamp=True``.
+    ``hardening``, ``top_k``, ``beta`` and the queue options are those of ``hscl``.
     """
+    hardening_fields, beta = _check_hardening(hardening, beta, top_k)
+    queue_fields, queue = _check_queue(queue, z1, queue_q)
     hyper = _Hyper(
-        beta=_check_number("beta", beta, low=0.0, low_inclusive=True),
+        beta=beta,
         temperature=_check_number("temperature", temperature, low=0.0, low_inclusive=False),
         tau_plus=_check_number("tau_plus", tau_plus, low=0.0, low_inclusive=True, high=1.0),
     )
@@ -922,28 +1240,56 @@ def hucl(
         family="tilted",
         negatives="other_views",
         positives="partner",
-        tilted=_maybe_positive(hyper.beta),
         debiased=_maybe_positive(hyper.tau_plus),
         clamp=bool(clamp),
         with_aux=bool(return_aux),
+        **hardening_fields,
+        **queue_fields,
     )
-    return _run(spec, hyper, z1, z2, None, axis_name, block_size)
+    return _run(spec, hyper, z1, z2, None, axis_name, block_size, queue)
 
 
-def ucl(z1, z2, *, temperature=0.5, axis_name=None, block_size=None, return_aux=False):
-    """UCL: SimCLR's NT-Xent, mean over anchors of log(1 + sum_k exp(s_ik - s_i,partner))."""
+def ucl(
+    z1,
+    z2,
+    *,
+    temperature=0.5,
+    queue=None,
+    queue_q="fixed",
+    axis_name=None,
+    block_size=None,
+    return_aux=False,
+):
+    """UCL: SimCLR's NT-Xent, mean over anchors of log(1 + sum_k exp(s_ik - s_i,partner)).
+
+    With a queue and ``queue_q="grows"`` the sum runs over the queue's filled rows too (MoCo's
+    InfoNCE with the partner as key); with "fixed" it is scaled by (2B - 2) / (2B - 2 + K).
+    """
     return hucl(
         z1,
         z2,
         beta=0.0,
         temperature=temperature,
+        queue=queue,
+        queue_q=queue_q,
         axis_name=axis_name,
         block_size=block_size,
         return_aux=return_aux,
     )
 
 
-def supcon(z1, z2, labels, *, temperature=0.1, axis_name=None, block_size=None, return_aux=False):
+def supcon(
+    z1,
+    z2,
+    labels,
+    *,
+    temperature=0.1,
+    queue=None,
+    queue_as_positives=False,
+    axis_name=None,
+    block_size=None,
+    return_aux=False,
+):
     """SupCon (Khosla et al. 2020, L_out), a different loss from SCL.
 
     For anchor i with positives P(i) (every other same-label view) and contrast set A(i) (every
@@ -953,14 +1299,24 @@ def supcon(z1, z2, labels, *, temperature=0.1, axis_name=None, block_size=None, 
 
     averaged over the anchors that have a positive. Khosla's code also multiplies by
     ``temperature / base_temperature``; that constant factor is left out here.
+
+    A queue adds its other-class rows to A(i) and, with ``queue_as_positives=True``, its
+    same-label rows to P(i) and A(i). SupCon has no Q, so there is no ``queue_q``.
     """
+    queue_fields, queue = _check_queue(queue, z1, "fixed", queue_as_positives)
     hyper = _Hyper(
         beta=0.0,
         temperature=_check_number("temperature", temperature, low=0.0, low_inclusive=False),
         tau_plus=0.0,
     )
-    spec = _Spec(family="supcon", negatives="not_self", positives="all", with_aux=bool(return_aux))
-    return _run(spec, hyper, z1, z2, labels, axis_name, block_size)
+    spec = _Spec(
+        family="supcon",
+        negatives="not_self",
+        positives="all",
+        with_aux=bool(return_aux),
+        **queue_fields,
+    )
+    return _run(spec, hyper, z1, z2, labels, axis_name, block_size, queue)
 
 
 _BY_NAME: dict[str, Callable[..., Any]] = {

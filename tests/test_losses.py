@@ -361,6 +361,24 @@ def test_bfloat16_inputs_accumulate_in_float32():
         (lambda z, y: losses.compute("nce", z, z, y), r"unknown loss 'nce'; allowed"),
         (lambda z, y: losses.compute("ucl", z, z, y, beta=1.0), r"does not take option.*beta"),
         (lambda z, y: losses.compute("scl", z, z), r"needs labels"),
+        # hardening (issue #14)
+        (lambda z, y: losses.hscl(z, z, y), r"beta is required with hardening='exp', got None"),
+        (lambda z, y: losses.hscl(z, z, y, hardening="poly"), r"beta is required.*'poly'"),
+        (
+            lambda z, y: losses.hscl(z, z, y, beta=1.0, hardening=lambda s: s),
+            r"beta is not used with hardening=a callable, got beta=1.0",
+        ),
+        (
+            lambda z, y: losses.hucl(z, z, beta=1.0, hardening="topk", top_k=2),
+            r"beta is not used with hardening='topk'",
+        ),
+        (lambda z, y: losses.hscl(z, z, y, hardening="topk"), r"top_k must be a positive int"),
+        (
+            lambda z, y: losses.hscl(z, z, y, hardening="topk", top_k=0),
+            r"top_k must be .* got 0",
+        ),
+        (lambda z, y: losses.hscl(z, z, y, beta=1.0, top_k=3), r"top_k is used with hard"),
+        (lambda z, y: losses.hscl(z, z, y, beta=1.0, hardening="cubic"), r"hardening must be"),
     ],
 )
 def test_bad_input_raises_one_clear_error(call, match):

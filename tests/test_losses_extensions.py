@@ -1,0 +1,381 @@
+"""Tests of the loss extensions of issue #14: pluggable hardening and a labelled negative queue."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hscl_jax import losses
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _batch(seed, batch, dim, num_classes):
+    rng = np.random.default_rng(seed)
+    z1 = _unit(rng.normal(size=(batch, dim)))
+    z2 = _unit(z1 + 0.5 * rng.normal(size=(batch, dim)))
+    labels = rng.integers(0, num_classes, size=batch).astype(np.int32)
+    return jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), jnp.asarray(labels)
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    """Equal values and gradients: a and b are (value, (grad_z1, grad_z2))."""
+    np.testing.assert_allclose(a[0], b[0], rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(a[1], b[1], rtol=1e-4, atol=atol)
+
+
+# ----------------------------------------------------------------------------- hardening
+
+_EXP_AS_CALLABLE_BETA = 2.5
+
+
+def _exp_as_callable(s):
+    return _EXP_AS_CALLABLE_BETA * s
+
+
+@jax.jit
+def _hardening_cases(z1, z2, labels, temperature, beta):
+    """(loss, expected equal loss) pairs of value_and_grad, for every hardening invariant.
+
+    One program for all of them (one compile); "exp" at beta 0 == SCL through the traced code
+    path is in test_losses.py's property test.
+    """
+    many = 10**6  # top_k beyond any number of negatives
+
+    def vg(name, block_size=None, **options):
+        def fn(a, b):
+            return losses.compute(
+                name, a, b, labels, temperature=temperature, block_size=block_size, **options
+            )
+
+        return jax.value_and_grad(fn, argnums=(0, 1))(z1, z2)
+
+    blocked = {"block_size": 3}
+    exp_beta = {"beta": _EXP_AS_CALLABLE_BETA}
+    return {
+        "poly at beta 0 == scl": (vg("hscl", hardening="poly", beta=0.0 * beta), vg("scl")),
+        "topk all == scl": (vg("hscl", hardening="topk", top_k=many), vg("scl")),
+        "topk all == scl, blocked": (
+            vg("hscl", hardening="topk", top_k=many, **blocked),
+            vg("scl", **blocked),
+        ),
+        "hucl topk all == ucl": (vg("hucl", hardening="topk", top_k=many), vg("ucl")),
+        "callable == exp": (vg("hscl", hardening=_exp_as_callable), vg("hscl", **exp_beta)),
+        "callable == exp, blocked": (
+            vg("hscl", hardening=_exp_as_callable, **blocked),
+            vg("hscl", **exp_beta, **blocked),
+        ),
+        "callable == exp, detached": (
+            vg("hscl", hardening=_exp_as_callable, detach_weights=True),
+            vg("hscl", **exp_beta, detach_weights=True),
+        ),
+        "hucl callable == exp, blocked": (
+            vg("hucl", hardening=_exp_as_callable, tau_plus=0.1, **blocked),
+            vg("hucl", **exp_beta, tau_plus=0.1, **blocked),
+        ),
+        "topk blocked == dense": (
+            vg("hscl", hardening="topk", top_k=2, **blocked),
+            vg("hscl", hardening="topk", top_k=2),
+        ),
+        "poly blocked == dense": (
+            vg("hscl", hardening="poly", beta=beta, **blocked),
+            vg("hscl", hardening="poly", beta=beta),
+        ),
+    }
+
+
+@settings(
+    max_examples=5,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    classes=st.sampled_from([1, 3, 100]),
+    temperature=st.floats(0.1, 1.0),
+    beta=st.floats(0.0, 10.0),
+)
+def test_hardening_invariants(seed, classes, temperature, beta):
+    z1, z2, labels = _batch(seed, 6, 4, classes)  # one shape: one compile
+    for case, (got, want) in _hardening_cases(z1, z2, labels, temperature, beta).items():
+        try:
+            _assert_same(got, want)
+        except AssertionError as error:
+            raise AssertionError(case) from error
+
+
+def _numpy_tilted_hscl(z1, z2, labels, t, log_weight, select=None):
+    """H-SCL (positives "all") from SPEC.md with explicit loops, any log-weight function."""
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    y = np.concatenate([labels, labels])
+    s = z @ z.T / t
+    n = len(z)
+    terms, kept = [], []
+    for i in range(n):
+        neg = np.flatnonzero(y != y[i])
+        if select is not None:
+            neg = select(s[i], neg)
+        kept.append(len(neg))
+        log_w = log_weight(s[i][neg])
+        w = np.exp(log_w - log_w.max())
+        mu = (w * np.exp(s[i][neg])).sum() / w.sum()
+        pos = np.flatnonzero((y == y[i]) & (np.arange(n) != i))
+        terms += [np.log1p((n - 2) * mu * np.exp(-s[i, j])) for j in pos]
+    return np.mean(terms), np.mean(kept)
+
+
+def test_topk_keeps_the_k_hardest_negatives_and_every_tie():
+    z1, z2, labels = (np.array(x) for x in _batch(5, 10, 6, 3))
+    # Images 1 and 2 become copies of image 0: their views tie with image 0's for every anchor.
+    for copy in (1, 2):
+        z1[copy], z2[copy], labels[copy] = z1[0], z2[0], labels[0]
+    t, k = 0.4, 2
+
+    def top_k_with_ties(s_row, neg):
+        threshold = np.sort(s_row[neg])[::-1][min(k, len(neg)) - 1]
+        return neg[s_row[neg] >= threshold]
+
+    want, kept = _numpy_tilted_hscl(z1, z2, labels, t, np.zeros_like, top_k_with_ties)
+    assert kept > k, "the batch must hold a tie at the threshold"
+    for block_size in (None, 4):
+        got, aux = losses.hscl(
+            z1,
+            z2,
+            labels,
+            hardening="topk",
+            top_k=k,
+            temperature=t,
+            block_size=block_size,
+            return_aux=True,
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(aux.effective_negatives, kept, rtol=1e-6)
+
+
+def test_poly_is_the_polynomial_tilt_of_its_docstring():
+    z1, z2, labels = (np.asarray(x) for x in _batch(6, 10, 6, 3))
+    t, beta = 0.3, 4.0
+    want, _ = _numpy_tilted_hscl(z1, z2, labels, t, lambda s: beta * np.log1p(t * s))
+    for block_size in (None, 4):
+        got = losses.hscl(
+            z1, z2, labels, hardening="poly", beta=beta, temperature=t, block_size=block_size
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_callable_hardening_works_under_jit_and_vmap_over_its_parameter():
+    z1, z2, labels = _batch(7, 8, 4, 3)
+
+    def loss(beta):
+        return losses.hscl(z1, z2, labels, hardening=lambda s: beta * s)
+
+    betas = jnp.asarray([0.0, 1.0, 3.0])
+    swept = jax.jit(jax.vmap(loss))(betas)
+    want = [losses.hscl(z1, z2, labels, beta=float(b)) for b in betas]
+    np.testing.assert_allclose(swept, want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- queue
+
+# (name, options): the queue options each loss takes.
+_QUEUE_LOSSES = (
+    ("ucl", {}),
+    ("scl", {"queue_as_positives": True}),
+    ("scl", {"positives": "partner"}),
+    ("hscl", {"beta": 1.5, "queue_as_positives": True}),
+    ("hucl", {"beta": 1.5}),
+    ("supcon", {"queue_as_positives": True}),
+)
+_Q_MODE = {"supcon": {}}  # SupCon has no Q
+
+
+def _copies_as_queue(z1, z2, labels):
+    return losses.Queue(
+        jnp.concatenate([z1, z2]), jnp.concatenate([labels, labels]), jnp.ones(2 * len(z1), bool)
+    )
+
+
+@jax.jit
+def _queue_vs_doubled_batch(z1, z2, labels):
+    queue = _copies_as_queue(z1, z2, labels)
+    doubled = [jnp.concatenate([x, x]) for x in (z1, z2, labels)]
+    out = {}
+    for name, options in _QUEUE_LOSSES:
+        q_mode = _Q_MODE.get(name, {"queue_q": "grows"})
+        batch_options = {k: v for k, v in options.items() if k != "queue_as_positives"}
+        for bs in (None, 4):
+            with_queue = losses.compute(
+                name, z1, z2, labels, queue=queue, block_size=bs, **q_mode, **options
+            )
+            on_doubled = losses.compute(name, *doubled, block_size=bs, **batch_options)
+            out[f"{name} {options} block {bs}"] = (with_queue, on_doubled)
+    return out
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.sampled_from([2, 6]),
+    classes=st.sampled_from([1, 3]),
+)
+def test_queue_of_detached_copies_equals_the_doubled_batch(seed, batch, classes):
+    """Anchors are the batch's views only; on the doubled batch every copy is an anchor too, with
+    the same loss as its original, so the means agree (Q grows with the queue: 4B - 2)."""
+    z1, z2, labels = _batch(seed, batch, 4, classes)
+    for case, (got, want) in _queue_vs_doubled_batch(z1, z2, labels).items():
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=case)
+
+
+def _numpy_hscl_with_queue(z1, z2, labels, queue, t, beta, as_positives, grows):
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    y = np.concatenate([labels, labels])
+    qz, qy = np.asarray(queue.z, np.float64)[queue.valid], np.asarray(queue.labels)[queue.valid]
+    n = len(z)
+    q = n - 2 + (len(qz) if grows else 0)
+    terms = []
+    for i in range(n):
+        s_batch, s_queue = z @ z[i] / t, qz @ z[i] / t
+        neg = np.concatenate([s_batch[y != y[i]], s_queue[qy != y[i]]])
+        w = np.exp(beta * (neg - neg.max()))
+        mu = (w * np.exp(neg)).sum() / w.sum()
+        pos = s_batch[(y == y[i]) & (np.arange(n) != i)]
+        if as_positives:
+            pos = np.concatenate([pos, s_queue[qy == y[i]]])
+        terms += list(np.log1p(q * mu * np.exp(-pos)))
+    return np.mean(terms)
+
+
+@pytest.mark.parametrize("as_positives", [False, True])
+@pytest.mark.parametrize("queue_q", ["fixed", "grows"])
+def test_queue_matches_a_direct_numpy_implementation_and_masks_unfilled_rows(as_positives, queue_q):
+    z1, z2, labels = _batch(8, 6, 5, 3)
+    qz, _, qy = _batch(9, 10, 5, 3)
+    valid = jnp.arange(10) < 7
+    # Unfilled rows hold zeros, as a fresh queue does, or stale garbage: neither may count.
+    qz = qz.at[7].set(0.0).at[8].set(z1[0])
+    qy = qy.at[8].set(labels[0] + 1)
+    queue = losses.Queue(qz, qy, valid)
+    options = {"beta": 2.0, "temperature": 0.4, "queue_as_positives": as_positives}
+    want = _numpy_hscl_with_queue(z1, z2, labels, queue, 0.4, 2.0, as_positives, queue_q == "grows")
+    trimmed = losses.Queue(qz[:7], qy[:7], valid[:7])
+    for block_size in (None, 4):
+        got = losses.hscl(
+            z1, z2, labels, queue=queue, queue_q=queue_q, block_size=block_size, **options
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        without_unfilled = losses.hscl(
+            z1, z2, labels, queue=trimmed, queue_q=queue_q, block_size=block_size, **options
+        )
+        np.testing.assert_allclose(without_unfilled, got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,options", _QUEUE_LOSSES, ids=[f"{n}-{o}" for n, o in _QUEUE_LOSSES])
+def test_empty_queue_is_no_queue_and_gradients_reach_only_the_queries(name, options):
+    z1, z2, labels = _batch(10, 6, 5, 3)
+    qz, _, qy = _batch(11, 8, 5, 3)
+    empty = losses.Queue(qz, qy, jnp.zeros(8, bool))
+    full = losses.Queue(qz, qy, jnp.ones(8, bool))
+    batch_options = {k: v for k, v in options.items() if k != "queue_as_positives"}
+
+    def loss(a, b, qz_, queue_valid, block_size):
+        queue = losses.Queue(qz_, qy, queue_valid)
+        return losses.compute(
+            name,
+            a,
+            b,
+            labels,
+            queue=queue,
+            block_size=block_size,
+            **_Q_MODE.get(name, {}),
+            **options,
+        )
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=4)
+    for block_size in (None, 4):
+        value, (g1, g2, g_queue) = grad(z1, z2, qz, empty.valid, block_size)
+        alone = jax.value_and_grad(
+            lambda a, b, bs=block_size: losses.compute(
+                name, a, b, labels, block_size=bs, **batch_options
+            ),
+            argnums=(0, 1),
+        )(z1, z2)
+        _assert_same((value, (g1, g2)), alone)
+        value, (g1, g2, g_queue) = grad(z1, z2, qz, full.valid, block_size)
+        np.testing.assert_array_equal(g_queue, 0.0)
+        assert value != pytest.approx(alone[0])
+        if block_size is None:
+            dense = (value, (g1, g2))
+        else:  # the dense hand-written backward equals autodiff (the blocked path)
+            _assert_same((value, (g1, g2)), dense)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_queue_under_pmap_equals_one_device(block_size):
+    z1, z2, labels = _batch(12, 16, 5, 3)
+    qz, _, qy = _batch(13, 12, 5, 3)
+    queue = losses.Queue(qz, qy, jnp.arange(12) < 9)
+    options = {"beta": 1.0, "queue_as_positives": True, "queue_q": "grows"}
+
+    def one(a, b, y):
+        return losses.hscl(a, b, y, queue=queue, block_size=block_size, **options)
+
+    value, (g1, g2) = jax.value_and_grad(one, argnums=(0, 1))(z1, z2, labels)
+
+    def per_device(a, b, y):
+        def fn(a_, b_):
+            return losses.hscl(
+                a_, b_, y, queue=queue, axis_name="i", block_size=block_size, **options
+            )
+
+        return jax.value_and_grad(fn, argnums=(0, 1))(a, b)
+
+    shard = lambda x: x.reshape((8, 2) + x.shape[1:])  # noqa: E731
+    values, (p1, p2) = jax.pmap(per_device, axis_name="i")(shard(z1), shard(z2), shard(labels))
+    np.testing.assert_allclose(values, np.full(8, value), rtol=1e-5)
+    np.testing.assert_allclose(p1.reshape(z1.shape), g1, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(p2.reshape(z2.shape), g2, atol=1e-6, rtol=1e-4)
+
+
+def test_topk_sees_the_queue():
+    """The k hardest negatives are chosen among the batch's and the queue's together."""
+    z1, z2, labels = _batch(14, 4, 5, 2)
+    queue = _copies_as_queue(z1, z2, labels)
+    doubled = [jnp.concatenate([x, x]) for x in (z1, z2, labels)]
+    for block_size in (None, 3):
+        got = losses.hscl(
+            z1,
+            z2,
+            labels,
+            hardening="topk",
+            top_k=3,
+            queue=queue,
+            queue_q="grows",
+            queue_as_positives=True,
+            block_size=block_size,
+        )
+        want = losses.hscl(*doubled, hardening="topk", top_k=3, block_size=block_size)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "queue,options,match",
+    [
+        (lambda z, y: (z, y), {}, r"queue must be a losses.Queue"),
+        (lambda z, y: losses.Queue(z[:, :2], y, y > 0), {}, r"queue.z must have shape \(K, 3\)"),
+        (lambda z, y: losses.Queue(z, y[:2], y > 0), {}, r"queue.labels must be integers of sh"),
+        (lambda z, y: losses.Queue(z, y, y), {}, r"queue.valid must be booleans"),
+        (lambda z, y: None, {"queue_q": "some"}, r"queue_q must be one of \('fixed', 'grows'\)"),
+        (lambda z, y: None, {"queue_as_positives": 1}, r"queue_as_positives must be True or F"),
+    ],
+)
+def test_bad_queue_raises_one_clear_error(queue, options, match):
+    z = jnp.asarray(_unit(np.eye(4, 3) + 0.1), jnp.float32)
+    y = jnp.arange(4, dtype=jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        losses.hscl(z, z, y, beta=1.0, queue=queue(z, y), **options)
