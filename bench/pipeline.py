@@ -2,6 +2,7 @@
 
     python bench/pipeline.py             # digits (default config) + mock CIFAR-10, this machine
     python bench/pipeline.py --cifar-step=resnet50   # also time the reference CIFAR step
+    python bench/pipeline.py --memory    # peak RSS of a stream, 5,000 vs 100,000 images
 
 Measured, each alone on this machine (an augmented pair = one image's two views):
   - pipeline pairs/s: `hscl_jax.data.train_iterator` as the trainer uses it, for digits with the
@@ -14,6 +15,11 @@ Measured, each alone on this machine (an augmented pair = one image's two views)
   - end to end (digits): steps fed by the pipeline through prefetch_to_device, both sharing the
     CPU as in a real run.
 The last line is `ratio pipeline/step: X` for the default digits config (target: X >= 2).
+
+With --memory instead: the peak RSS (VmHWM) of a 50-step SimCLR stream (batch 256) over the
+random_images TFDS dataset (random 64x64x3 PNGs in ArrayRecord files) of 5,000 and of 100,000
+images, each in a fresh process; the last line is `rss_growth_mb: X`, the difference (the
+streaming source holds no split in memory, so X should stay well under 100 MB).
 """
 
 from __future__ import annotations
@@ -51,19 +57,26 @@ def pipeline_pairs_per_second(data_config, batch_size: int, batches: int) -> flo
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def _random_cifar_split(self, split, decoders=None, read_config=None, shuffle_files=False):
-    """mock_data's `as_dataset_fn`: random uint8 images of the dataset's true shape."""
-    import tensorflow as tf
+class _RandomCifarRecords:
+    """Random uint8 examples of the dataset's true image shape, read by index like TFDS's
+    ArrayRecord data source (nothing to decode: this times the augmentation)."""
 
-    del split, decoders, read_config, shuffle_files
-    rng = np.random.default_rng(0)
-    shape = self.info.features["image"].shape
-    return tf.data.Dataset.from_tensor_slices(
-        {
-            "image": rng.integers(0, 256, size=(MOCK_CIFAR_EXAMPLES, *shape), dtype=np.uint8),
-            "label": rng.integers(0, 10, size=MOCK_CIFAR_EXAMPLES),
-        }
-    )
+    def __init__(self, image_shape):
+        rng = np.random.default_rng(0)
+        self.images = rng.integers(0, 256, size=(MOCK_CIFAR_EXAMPLES, *image_shape), dtype=np.uint8)
+        self.labels = rng.integers(0, 10, size=MOCK_CIFAR_EXAMPLES)
+
+    def __len__(self):
+        return MOCK_CIFAR_EXAMPLES
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def _random_cifar_source(builder, split, decoders=None, **kwargs):
+    """mock_data's `as_data_source_fn`: a `_RandomCifarRecords` split."""
+    del split, decoders, kwargs
+    return _RandomCifarRecords(builder.info.features["image"].shape)
 
 
 def make_step(config):
@@ -107,6 +120,68 @@ def end_to_end_pairs_per_second(step, state, data_config, batch_size: int, steps
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM), in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def stream_peak_rss(num_examples: int, image_size: int, cache_dir: str, steps: int, batch: int):
+    """Runs `steps` batches of the SimCLR stream over random_images and prints its peak RSS.
+
+    Meant to run alone in a fresh process (`--memory-child`), so that VmHWM is this stream's.
+    """
+    from hscl_jax.data.random_images_builder import random_images_info
+
+    info = random_images_info(num_examples, image_size)
+    config = data.default_data_config("cifar10")
+    config.data_dir = cache_dir
+    stream = data.train_iterator(
+        config, global_batch_size=batch, seed=0, num_local_devices=1, info=info
+    )
+    for _ in range(steps):
+        next(stream)
+    stream.close()
+    print(f"peak_rss_mb: {peak_rss_mb():.1f}")
+
+
+def memory_benchmark(sizes, image_size: int, cache_dir: str, steps: int, batch: int) -> None:
+    """Peak RSS of the same stream over datasets of `sizes` examples; last line the growth.
+
+    Each dataset is built once into `cache_dir` (100,000 64x64 PNGs: ~10 min, 1.5 GB) and
+    reused; each stream runs in a fresh subprocess.
+    """
+    import subprocess
+    import sys
+
+    from hscl_jax.data.random_images_builder import prepare_random_images
+
+    peaks = []
+    for num_examples in sizes:
+        prepare_random_images(num_examples, image_size, cache_dir)
+        child = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--memory-child={num_examples}",
+            f"--image-size={image_size}",
+            f"--cache-dir={cache_dir}",
+            f"--memory-steps={steps}",
+            f"--memory-batch={batch}",
+        ]
+        done = subprocess.run(child, capture_output=True, text=True, check=True)
+        peak = float(done.stdout.strip().splitlines()[-1].split(":")[1])
+        peaks.append(peak)
+        in_memory = num_examples * image_size * image_size * 3 / 2**20
+        print(
+            f"random_images {num_examples:>7} x {image_size}x{image_size}x3 (uint8 split: "
+            f"{in_memory:7.0f} MB), {steps} steps of batch {batch}: peak RSS {peak:7.0f} MB"
+        )
+    print(f"rss_growth_mb: {peaks[-1] - peaks[0]:.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=200, help="timed digits batches")
@@ -120,7 +195,32 @@ def main():
     )
     parser.add_argument("--cifar-step-batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0, help="data.num_workers (0: one per core)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: peak RSS of a stream over random_images of --memory-sizes examples",
+    )
+    parser.add_argument("--memory-sizes", type=int, nargs="+", default=[5_000, 100_000])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--memory-steps", type=int, default=50)
+    parser.add_argument("--memory-batch", type=int, default=256)
+    parser.add_argument(
+        "--cache-dir",
+        default=os.path.join(tempfile.gettempdir(), "hscl_jax_random_images"),
+        help="TFDS data dir where the random_images datasets are built once and reused",
+    )
+    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        stream_peak_rss(
+            args.memory_child, args.image_size, args.cache_dir, args.memory_steps, args.memory_batch
+        )
+        return
+    if args.memory:
+        memory_benchmark(
+            args.memory_sizes, args.image_size, args.cache_dir, args.memory_steps, args.memory_batch
+        )
+        return
 
     from hscl_jax.data.tfds_source import import_tensorflow
 
@@ -137,7 +237,7 @@ def main():
     cifar_config.num_steps = 1000  # the schedule's length; nothing reads the dataset for it
     cifar_config.data.data_dir = tempfile.mkdtemp()
     cifar_config.data.num_workers = args.workers
-    with tfds.testing.mock_data(as_dataset_fn=_random_cifar_split):
+    with tfds.testing.mock_data(as_data_source_fn=_random_cifar_source):
         cifar_pipeline = pipeline_pairs_per_second(cifar_config.data, 256, args.cifar_batches)
     print(f"cifar10 (mock, 32x32x3, SimCLR), batch 256: pipeline {cifar_pipeline:9.0f} pairs/s")
     if args.cifar_step != "none":

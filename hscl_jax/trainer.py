@@ -375,8 +375,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Resumes from the latest checkpoint in ``workdir/checkpoints`` when there is one. Returns the
     final metrics (the last logged training metrics and the final kNN accuracy).
-    Raises ConfigError for bad config values (before training) and FloatingPointError when a step
-    is not finite and ``config.skip_nonfinite_steps`` is False.
+    Raises ConfigError for bad config values and for a checkpoint that does not fit the config,
+    metrics.WorkdirError for a workdir that is a file or not writable (all before anything in
+    ``workdir`` changes), and FloatingPointError when a step is not finite and
+    ``config.skip_nonfinite_steps`` is False.
     """
     run = setup(config, workdir)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)

@@ -44,6 +44,22 @@ def take(iterator, count):
     return [next(iterator) for _ in range(count)]
 
 
+def read_whole_split(records) -> dict[str, np.ndarray]:
+    """A small split's {"image", "label"} arrays, read record by record."""
+    examples = [records[index] for index in range(len(records))]
+    return {
+        key: np.stack([np.asarray(example[key]) for example in examples])
+        for key in ("image", "label")
+    }
+
+
+def digits_arrays(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    from hscl_jax.data.tfds_source import open_split
+
+    arrays = read_whole_split(open_split(DIGITS, data_dir, split))
+    return arrays["image"], arrays["label"]
+
+
 def assert_batches_equal(first, second):
     assert len(first) == len(second)
     for a, b in zip(first, second, strict=True):
@@ -101,7 +117,8 @@ def test_class_balanced_batches_hold_p_classes_times_k_without_replacement():
     labels, sizes = _unbalanced_labels()
     num_classes_per_batch, per_class = 4, 5
     indexer = samplers.BatchIndexer(
-        labels,
+        num_examples=len(labels),
+        labels=labels,
         sampler="class_balanced",
         batch_size=20,
         seed=1,
@@ -131,7 +148,8 @@ def test_class_balanced_errors():
 
     def indexer(batch_size, classes_per_batch, samples_per_class):
         return samplers.BatchIndexer(
-            labels,
+            num_examples=len(labels),
+            labels=labels,
             sampler="class_balanced",
             batch_size=batch_size,
             seed=0,
@@ -152,9 +170,11 @@ def test_class_balanced_errors():
     with pytest.raises(ValueError, match="samples_per_class must be >= 1, got 0"):
         indexer(5, 5, 0)
     with pytest.raises(ValueError, match="Unknown sampler 'random'"):
-        samplers.BatchIndexer(labels, sampler="random", batch_size=4, seed=0)
+        samplers.BatchIndexer(num_examples=300, sampler="random", batch_size=4, seed=0)
     with pytest.raises(ValueError, match="global_batch_size 400 exceeds the 300 training examples"):
-        samplers.BatchIndexer(labels, sampler="shuffle", batch_size=400, seed=0)
+        samplers.BatchIndexer(num_examples=300, sampler="shuffle", batch_size=400, seed=0)
+    with pytest.raises(ValueError, match="class_balanced sampler needs the labels of all 300"):
+        samplers.BatchIndexer(num_examples=300, sampler="class_balanced", batch_size=4, seed=0)
 
 
 # ----------------------------------------------------------------------------- synthetic (no TF)
@@ -282,10 +302,12 @@ def test_digits_builder_builds_offline_fast_with_a_fixed_split(tmp_path, no_netw
     build_seconds = time.perf_counter() - start
     assert builder.is_prepared()
     assert build_seconds < 5.0, build_seconds  # ~0.2 s on an idle 2-core CPU
-    # Registered under its name like any catalogue dataset.
-    same = tfds.builder("digits", data_dir=str(tmp_path))
+    assert {f.value for f in builder.info.available_file_formats()} == {"array_record"}
+    # Registered under its name like any catalogue dataset, and read by random access.
     splits = {
-        split: tfds.as_numpy(same.as_dataset(split=split, batch_size=-1))
+        split: read_whole_split(
+            tfds.data_source("digits", split=split, data_dir=str(tmp_path), download=False)
+        )
         for split in ("train", "test")
     }
     assert len(splits["train"]["label"]) == DIGITS.num_train
@@ -300,9 +322,7 @@ def test_digits_builder_builds_offline_fast_with_a_fixed_split(tmp_path, no_netw
     pixels = train_images / 255.0
     assert abs(pixels.mean() - DIGITS.mean[0]) < 1e-3 and abs(pixels.std() - DIGITS.std[0]) < 1e-3
     # The split is fixed: a second build elsewhere gives the same test set.
-    again = tfds.as_numpy(
-        prepare_digits(str(tmp_path / "again")).as_dataset(split="test", batch_size=-1)
-    )
+    again = read_whole_split(prepare_digits(str(tmp_path / "again")).as_data_source("test"))
     np.testing.assert_array_equal(
         np.sort(again["image"].reshape(len(again["image"]), -1), axis=0),
         np.sort(splits["test"]["image"].reshape(DIGITS.num_test, -1), axis=0),
@@ -340,13 +360,11 @@ def test_digits_train_stream_shapes_ranges_determinism_and_restart(digits_config
 
 def test_digits_views_keep_their_image_and_label(digits_config):
     """With augmentation off, every view is a stored train image carrying its own label."""
-    from hscl_jax.data.tfds_source import load_split
-
     config = digits_config.copy_and_resolve_references()
     config.augmentation = data.augmentation_config("none")
     config.sampler = "class_balanced"
     config.samples_per_class = 16
-    images, labels = load_split(DIGITS, config.data_dir, "train")
+    images, labels = digits_arrays(config.data_dir, "train")
     batch = next(data.train_iterator(config, global_batch_size=160, seed=2, num_local_devices=1))
     np.testing.assert_array_equal(batch["view1"], batch["view2"])
     stored = ((images / 255.0 - DIGITS.mean[0]) / DIGITS.std[0]).reshape(len(images), -1)
@@ -360,9 +378,7 @@ def test_digits_views_keep_their_image_and_label(digits_config):
 
 
 def test_digits_eval_stream_covers_every_example_once(digits_config):
-    from hscl_jax.data.tfds_source import load_split
-
-    images, labels = load_split(DIGITS, digits_config.data_dir, "test")
+    images, labels = digits_arrays(digits_config.data_dir, "test")
     batches = list(
         data.eval_iterator(digits_config, split="test", batch_size=64, num_local_devices=2)
     )
@@ -415,20 +431,45 @@ def test_unprepared_dataset_fails_at_once_with_instructions(tmp_path, no_network
 MOCK_EXAMPLES = 48
 
 
-def _random_split(self, split, decoders=None, read_config=None, shuffle_files=False):
-    """tfds.testing.mock_data's `as_dataset_fn`: random examples of the dataset's true shapes."""
-    import tensorflow as tf
+class RandomRecords:
+    """A split of random examples with a dataset's true shapes, read by index like tfds's
+    ArrayRecord data source; `reads` lists the indices whose image was decoded, in order."""
 
-    del decoders, read_config, shuffle_files
-    rng = np.random.default_rng(len(str(split)))
-    shape = self.info.features["image"].shape
-    num_classes = self.info.features["label"].num_classes
-    return tf.data.Dataset.from_tensor_slices(
-        {
-            "image": rng.integers(0, 256, size=(MOCK_EXAMPLES, *shape), dtype=np.uint8),
-            "label": rng.integers(0, num_classes, size=MOCK_EXAMPLES),
-        }
-    )
+    def __init__(self, image_shape, num_classes: int, split: str, decode_images: bool):
+        rng = np.random.default_rng(len(str(split)))
+        self.images = rng.integers(0, 256, size=(MOCK_EXAMPLES, *image_shape), dtype=np.uint8)
+        self.labels = rng.integers(0, num_classes, size=MOCK_EXAMPLES)
+        self.decode_images = decode_images
+        self.reads = []
+
+    def __len__(self):
+        return MOCK_EXAMPLES
+
+    def __getitem__(self, index):
+        if not self.decode_images:
+            return {"image": b"png bytes", "label": self.labels[index]}
+        self.reads.append(index)
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def random_sources(opened: list | None = None):
+    """tfds.testing.mock_data's `as_data_source_fn`, serving RandomRecords; appends each opened
+    split's records to `opened`."""
+
+    def as_data_source(builder, split, decoders=None, **kwargs):
+        del kwargs
+        features = builder.info.features
+        records = RandomRecords(
+            features["image"].shape,
+            features["label"].num_classes,
+            split,
+            decode_images=decoders is None,
+        )
+        if opened is not None:
+            opened.append(records)
+        return records
+
+    return as_data_source
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
@@ -438,7 +479,7 @@ def test_paper_datasets_through_mocked_tfds(name, tmp_path):
     info = data.dataset_info(name)
     config = data.default_data_config(name)
     config.data_dir = str(tmp_path)
-    with tfds.testing.mock_data(as_dataset_fn=_random_split):
+    with tfds.testing.mock_data(as_data_source_fn=random_sources()):
         batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2))
         evaluation = list(
             data.eval_iterator(config, split="test", batch_size=32, num_local_devices=2)
@@ -461,13 +502,13 @@ def test_stl10_eval_resize(tmp_path):
     config = data.default_data_config("stl10")
     config.data_dir = str(tmp_path)
     config.eval_image_size = 32
-    with tfds.testing.mock_data(as_dataset_fn=_random_split):
+    with tfds.testing.mock_data(as_data_source_fn=random_sources()):
         batch = next(data.eval_iterator(config, split="train", batch_size=16, num_local_devices=1))
     chex.assert_shape(batch["image"], (1, 16, 32, 32, 3))
 
 
 def test_default_mock_data_policy(tmp_path):
-    """tfds.testing.mock_data with its own random generator (a PyFunc source)."""
+    """tfds.testing.mock_data with its own random ArrayRecord data source."""
     import tensorflow_datasets as tfds
 
     config = data.default_data_config("cifar10")
@@ -476,3 +517,270 @@ def test_default_mock_data_policy(tmp_path):
         assert data.steps_per_epoch(config, 16) == 2
         batch = next(data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=1))
     chex.assert_shape(batch["view1"], (1, 16, 32, 32, 3))
+
+
+# ----------------------------------------------------------------------------- streaming source
+
+
+def test_each_process_reads_only_its_slice_of_the_global_batch(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = data.default_data_config("cifar10")
+    config.data_dir = str(tmp_path)
+    config.num_workers = 1  # one step at a time, so the reads come in step order
+    config.prefetch_batches = 1
+    opened = []
+    seed = 3
+    global_batch = 16
+    # 48 examples / 16 = 3 steps per epoch: each process's slices over an epoch are disjoint.
+    plan = samplers.shuffle_epoch(MOCK_EXAMPLES, global_batch, seed=seed, epoch=0)
+    with tfds.testing.mock_data(as_data_source_fn=random_sources(opened)):
+        stream = data.train_iterator(
+            config, global_batch_size=global_batch, seed=seed, num_local_devices=2
+        )
+        whole = next(stream)
+        stream.close()
+        train_records = opened[-1]
+        halves = []
+        for process in (0, 1):
+            train_records.reads.clear()
+            stream = data.train_iterator(
+                config,
+                global_batch_size=global_batch,
+                seed=seed,
+                num_local_devices=1,
+                process_index=process,
+                process_count=2,
+            )
+            halves.append(next(stream))
+            stream.close()
+            reads = list(train_records.reads)
+            slices = plan[:, process * 8 : (process + 1) * 8]
+            steps_read = len(reads) // 8
+            assert len(reads) % 8 == 0 and 1 <= steps_read <= 3, reads
+            np.testing.assert_array_equal(reads, slices[:steps_read].ravel())
+    # The two processes' batches are the halves of the one-process batch.
+    for key in ("view1", "view2", "label"):
+        joined = np.concatenate([halves[0][key], halves[1][key]], axis=0)
+        np.testing.assert_array_equal(joined, whole[key])
+    with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), got 2"):
+        data.eval_iterator(config, split="test", batch_size=16, process_index=2, process_count=2)
+
+
+def test_class_balanced_labels_are_read_without_decoding_images(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data import tfds_source
+
+    config = data.default_data_config("cifar10")
+    config.data_dir = str(tmp_path)
+    config.sampler = "class_balanced"
+    config.samples_per_class = 2
+    config.num_workers = 1  # one step at a time, so the reads come in step order
+    opened = []
+    with tfds.testing.mock_data(as_data_source_fn=random_sources(opened)):
+        tfds_source.clear_cache()
+        batch = next(data.train_iterator(config, global_batch_size=8, seed=0, num_local_devices=1))
+        # The labels are memoised: a second stream does not scan them again.
+        data.train_iterator(config, global_batch_size=8, seed=1, num_local_devices=1)
+        tfds_source.clear_cache()
+    label_scans = [records for records in opened if not records.decode_images]
+    assert len(label_scans) == 1 and label_scans[0].reads == []
+    _, counts = np.unique(batch["label"], return_counts=True)
+    assert len(counts) == 4 and set(counts) == {2}
+    # Each label in the batch is the label of the record it was read from.
+    train = next(records for records in opened if records.decode_images)
+    np.testing.assert_array_equal(
+        np.sort(train.labels[train.reads[:8]]), np.sort(batch["label"].ravel())
+    )
+
+
+@pytest.fixture
+def absl_flags_parsed():
+    """Grain's worker processes need absl flags parsed, as train.py's absl.app.run does."""
+    from absl import flags
+
+    was_parsed = flags.FLAGS.is_parsed()
+    if not was_parsed:
+        flags.FLAGS.mark_as_parsed()
+    yield
+    if not was_parsed:
+        flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.slow
+def test_decode_workers_give_the_batches_of_in_process_decoding(digits_config, absl_flags_parsed):
+    def batches(decode_workers, start_step=0, count=4):
+        config = digits_config.copy_and_resolve_references()
+        config.decode_workers = decode_workers
+        stream = data.train_iterator(
+            config, global_batch_size=64, seed=4, start_step=start_step, num_local_devices=2
+        )
+        taken = take(stream, count)
+        stream.close()
+        return taken
+
+    in_process = batches(decode_workers=0)
+    assert_batches_equal(in_process, batches(decode_workers=2))
+    assert_batches_equal(in_process[2:], batches(decode_workers=2, start_step=2, count=2))
+
+
+def test_decode_workers_need_parsed_absl_flags(digits_config):
+    from absl import flags
+
+    if flags.FLAGS.is_parsed():
+        pytest.skip("absl flags were parsed by the test runner")
+    config = digits_config.copy_and_resolve_references()
+    config.decode_workers = 2
+    with pytest.raises(ValueError, match=r"decode_workers=2 starts Grain worker processes, which"):
+        data.train_iterator(config, global_batch_size=64, seed=0, num_local_devices=1)
+    config.decode_workers = -1
+    with pytest.raises(ValueError, match=r"decode_workers must be >= 0"):
+        data.steps_per_epoch(config, 64)
+
+
+def test_digits_prepared_by_earlier_versions_still_work(tmp_path, caplog):
+    import logging
+
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data.digits_builder import Digits, prepare_digits
+
+    skip_stats = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    # This version written as TFRecord (e.g. by hand with `tfds build`): rebuilt as ArrayRecord.
+    Digits(data_dir=str(tmp_path / "a"), file_format="tfrecord").download_and_prepare(
+        download_config=skip_stats
+    )
+    with caplog.at_level(logging.INFO):
+        rebuilt = prepare_digits(str(tmp_path / "a"))
+    assert {f.value for f in rebuilt.info.available_file_formats()} == {"array_record"}
+    assert (
+        "is stored as tfrecord, not array_record (needed for random access): rebuil" in caplog.text
+    )
+    config = data.default_data_config("digits")
+    config.data_dir = str(tmp_path / "a")
+    assert data.steps_per_epoch(config, 64) == DIGITS.num_train // 64
+    # Version 1.0.0 left by earlier hscl_jax (TFRecord): kept, and 1.1.0 built next to it.
+    old = tmp_path / "b" / "digits"
+    old.mkdir(parents=True)
+    (tmp_path / "a" / "digits" / "1.1.0").rename(old / "1.0.0")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        built = prepare_digits(str(tmp_path / "b"))
+    assert "Found digits 1.0.0 in" in caplog.text and "building version 1.1.0" in caplog.text
+    assert (old / "1.0.0").is_dir() and built.data_path.name == "1.1.0"
+    assert {f.value for f in built.info.available_file_formats()} == {"array_record"}
+
+
+def test_random_png_dataset_streams_and_tfrecord_files_are_refused(tmp_path):
+    """A real TFDS dataset of PNG images (decoded by pillow), and the fix for a TFRecord one."""
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data import random_images_builder as random_images
+
+    info = random_images.random_images_info(48, 16)
+    random_images.prepare_random_images(48, 16, str(tmp_path / "ok"))
+    config = data.default_data_config("cifar10")
+    config.data_dir = str(tmp_path / "ok")
+    batch = next(
+        data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2, info=info)
+    )
+    chex.assert_shape([batch["view1"], batch["view2"]], (2, 8, 16, 16, 3))
+    evaluation = list(data.eval_iterator(config, split="train", batch_size=16, info=info))
+    stored = read_whole_split(
+        tfds.data_source(info.name, split="train", data_dir=config.data_dir, download=False)
+    )
+    mean, std = np.array(info.mean), np.array(info.std)
+    expected = (stored["image"] / 255.0 - mean) / std
+    seen = np.concatenate([b["image"].reshape(-1, 16, 16, 3) for b in evaluation])
+    np.testing.assert_allclose(seen, expected, atol=1e-5)
+    np.testing.assert_array_equal(
+        np.concatenate([b["label"].ravel() for b in evaluation]), stored["label"]
+    )
+
+    tfds.builder(info.name, data_dir=str(tmp_path / "tfrecord")).download_and_prepare(
+        file_format="tfrecord",
+        download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP
+        ),
+    )
+    config.data_dir = str(tmp_path / "tfrecord")
+    with pytest.raises(
+        data.DatasetFormatError,
+        match=r"stored as tfrecord files, but this pipeline reads ArrayRecord files .*: delete "
+        rf".* and rebuild it with `tfds build {info.name} --data_dir={tmp_path}/tfrecord "
+        r"--file_format=array_record`",
+    ):
+        data.train_iterator(config, global_batch_size=16, seed=0, info=info)
+
+
+def test_resize_decode_keeps_the_centre_square_of_the_shorter_side():
+    import io
+
+    import PIL.Image
+
+    from hscl_jax.data.grain_source import ResizeDecode
+
+    def encoded(pixels, image_format):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(pixels).save(buffer, format=image_format)
+        return buffer.getvalue()
+
+    # 40 wide x 20 high: the outer 8 columns on each side are red, the middle is blue. The
+    # shorter side 20 -> 10 halves the image to 20 x 10, whose centre 10 x 10 is the blue part.
+    landscape = np.zeros((20, 40, 3), np.uint8)
+    landscape[:, :, 2] = 255
+    landscape[:, :8] = landscape[:, 32:] = (255, 0, 0)
+    pixels = ResizeDecode(size=10, channels=3)(encoded(landscape, "PNG"))
+    assert pixels.shape == (10, 10, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, np.broadcast_to([0, 0, 255], (10, 10, 3)))
+    # Portrait, grayscale: rows are cropped instead of columns.
+    portrait = np.full((40, 20), 200, np.uint8)
+    portrait[:8] = portrait[32:] = 0
+    np.testing.assert_array_equal(ResizeDecode(10, 1)(encoded(portrait, "PNG")), 200)
+    # A large JPEG decoded at a reduced DCT scale matches a full decode resized the same way.
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((25, 25, 1))).astype(np.uint8)
+    photo = encoded(smooth, "JPEG")
+    full = PIL.Image.open(io.BytesIO(photo)).convert("RGB").resize((85, 64))
+    drafted = ResizeDecode(64, 3)(photo).astype(np.float32)
+
+    def error(left):
+        return np.abs(drafted - np.asarray(full.crop((left, 0, left + 64, 64)), np.float32)).mean()
+
+    # ~4.4 grey levels at the centre crop (JPEG at 1/4 scale); shifted by 2 pixels: ~32.
+    assert error(10) < 8.0 and min(error(8), error(12)) > 20.0
+
+
+def test_images_of_varying_size_arrive_resized_and_centre_cropped(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data import random_images_builder as random_images
+    from hscl_jax.data.grain_source import ResizeDecode
+
+    info = random_images.random_images_info(48, 16, variable_size=True)
+    random_images.prepare_random_images(48, 16, str(tmp_path), variable_size=True)
+    config = data.default_data_config("cifar10")
+    config.data_dir = str(tmp_path)
+    batch = next(
+        data.train_iterator(config, global_batch_size=16, seed=0, num_local_devices=2, info=info)
+    )
+    chex.assert_shape([batch["view1"], batch["view2"]], (2, 8, 16, 16, 3))
+    first = next(data.eval_iterator(config, split="train", batch_size=16, info=info))
+    stored = tfds.data_source(
+        info.name,
+        split="train",
+        data_dir=str(tmp_path),
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    import io
+
+    import PIL.Image
+
+    sizes = {PIL.Image.open(io.BytesIO(stored[i]["image"])).size for i in range(16)}
+    assert len(sizes) > 8 and min(min(size) for size in sizes) < 16 < max(max(s) for s in sizes)
+    decode = ResizeDecode(16, 3)
+    mean, std = np.array(info.mean), np.array(info.std)
+    expected = np.stack([(decode(stored[i]["image"]) / 255.0 - mean) / std for i in range(16)])
+    np.testing.assert_allclose(first["image"].reshape(16, 16, 16, 3), expected, atol=1e-5)

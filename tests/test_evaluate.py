@@ -146,6 +146,7 @@ def test_linear_probe_bad_arguments(kwargs, match):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_digits_config):
+    pytest.importorskip("tensorflow_datasets", reason="the digits run needs the [data] extra")
     from hscl_jax import trainer
 
     workdir = str(tmp_path_factory.mktemp("run"))

@@ -82,6 +82,7 @@ def test_shard_map_gives_the_pmap_update(first_steps):
 
 
 def test_build_step_makes_the_trainers_step_from_a_config(tiny_digits_config):
+    pytest.importorskip("tensorflow_datasets", reason="the digits batch needs the [data] extra")
     from hscl_jax import data
 
     config = tiny_digits_config(num_steps=3)

@@ -261,6 +261,61 @@ def test_mock_cifar10_tiny_resnet_run(tmp_path):
     assert params["encoder"]["stem_conv"]["kernel"].shape == (3, 3, 3, 2)
 
 
+@pytest.mark.slow
+def test_mock_imagenette_tiny_resnet_run(tmp_path, monkeypatch, repo_root):
+    """configs/imagenette.py end to end on mock data: images of varying size decoded on the host,
+    ImageNet stem, LARS + warm-up cosine. Only the sizes shrink (256 -> 32 px stored, 224 -> 24 px
+    crops) so that it runs in seconds."""
+    import dataclasses
+
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data import info as info_lib
+
+    tiny = dataclasses.replace(info_lib.dataset_info("imagenette"), image_size=32, crop_size=24)
+    monkeypatch.setitem(info_lib._DATASETS, "imagenette", tiny)
+    config = config_lib.config_from_file(os.path.join(repo_root, "configs", "imagenette.py"))
+    assert (config.model.stem, config.optim.name) == ("imagenet", "lars")
+    config.model.name = "resnet18"
+    config.model.width = 2
+    config.model.stage_sizes = (1, 1)
+    config.model.head_hidden_dim = 8
+    config.model.projection_dim = 4
+    config.model.dtype = "float32"
+    config.global_batch_size = 8
+    config.num_epochs = 0
+    config.num_steps = 2
+    config.num_devices = 1
+    config.optim.warmup_steps = 1
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 2
+    config.data.eval_image_size = 24
+    config.knn.k = 5
+    config.knn.eval_batch_size = 16
+    workdir = str(tmp_path / "imagenette")
+    with tfds.testing.mock_data(num_examples=24):
+        final = trainer.train_and_evaluate(config, workdir)
+    records = _read_metrics(workdir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert 0.0 <= final["knn_top1"] <= 1.0
+    params = _restore_params(workdir, 2)
+    assert params["encoder"]["stem_conv"]["kernel"].shape == (7, 7, 3, 2)
+
+
+def test_imagenet_not_prepared_names_the_manual_download(tmp_path):
+    from hscl_jax.data import dataset_info
+    from hscl_jax.data.tfds_source import DatasetNotPreparedError, open_split
+
+    with pytest.raises(DatasetNotPreparedError) as error:
+        open_split(dataset_info("imagenet2012"), str(tmp_path), "train")
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{tmp_path}/downloads/manual/" in message and "ILSVRC2012_img_train.tar" in message
+    assert f"tfds build imagenet2012 --data_dir={tmp_path} --file_format=array_record" in message
+
+
 # ----------------------------------------------------------------------------- train.py
 
 

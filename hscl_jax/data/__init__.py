@@ -1,5 +1,6 @@
-"""Input pipelines: TFDS datasets (digits offline; CIFAR-10/100, STL-10 from a data dir), SimCLR
-augmented pairs, label-aware batch samplers, and a TensorFlow-free synthetic source.
+"""Input pipelines: TFDS datasets read by random access from ArrayRecord files (digits built
+offline; CIFAR-10/100, STL-10 from a data dir), SimCLR augmented pairs, label-aware batch
+samplers, and a TensorFlow-free synthetic source.
 
 Importing this package does not import TensorFlow; only reading a TFDS dataset does.
 """
@@ -13,12 +14,13 @@ from hscl_jax.data.pipeline import (
     train_iterator,
 )
 from hscl_jax.data.samplers import SAMPLERS
-from hscl_jax.data.tfds_source import DatasetNotPreparedError, clear_cache
+from hscl_jax.data.tfds_source import DatasetFormatError, DatasetNotPreparedError, clear_cache
 
 __all__ = [
     "AUGMENTATION_PRESETS",
     "DATASET_NAMES",
     "SAMPLERS",
+    "DatasetFormatError",
     "DatasetInfo",
     "DatasetNotPreparedError",
     "augmentation_config",

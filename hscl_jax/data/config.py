@@ -89,6 +89,11 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
       num_workers: threads that run the augmentation graph, one batch each (TensorFlow releases
         the GIL, so they run in parallel); 0 means one per CPU core.
       prefetch_batches: batches prepared ahead of the consumer; 0 means 2 x num_workers.
+      decode_workers: Grain worker processes that read and decode this process's examples
+        (hscl_jax.data.grain_source); 0 decodes in the augmentation threads. Every stream (each
+        evaluation too) starts its own workers, which takes seconds: worth it for large encoded
+        images (JPEG/PNG), not for digits. Workers need absl flags parsed (train.py runs under
+        absl.app).
     """
     info = dataset_info(name)
     return ml_collections.ConfigDict(
@@ -103,5 +108,6 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
             "eval_image_size": 0,
             "num_workers": 0,
             "prefetch_batches": 0,
+            "decode_workers": 0,
         }
     )

@@ -1,16 +1,21 @@
 """`digits`: scikit-learn's bundled 8x8 handwritten digits as a real TFDS dataset, built offline.
 
 Importing this module imports tensorflow_datasets and registers the builder, so that
-`tfds.builder("digits", data_dir=...)` works like for any catalogue dataset.
+`tfds.builder("digits", data_dir=...)` works like for any catalogue dataset. `prepare_digits`
+builds it as ArrayRecord files (random access, read through `tfds.data_source`) and replaces a
+build of this version in another file format.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+DIGITS_FILE_FORMAT = "array_record"
 # load_digits stores pixel intensities as integers 0..16.
 _DIGITS_MAX_INTENSITY = 16
 
@@ -41,8 +46,13 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 class Digits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's optical recognition of handwritten digits (UCI), 10 classes, 8x8 grayscale."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Stratified 80/20 train/test split with seed 0."}
+    # 1.0.0 was written as TFRecord by earlier versions of this package; their folders stay
+    # readable by them, and 1.1.0 is built next to them.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Stratified 80/20 train/test split with seed 0.",
+        "1.1.0": "Same examples, stored as ArrayRecord files for random access.",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -76,13 +86,51 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             yield int(index), {"image": images[index], "label": int(labels[index])}
 
 
+def _is_older_version(folder_name: str) -> bool:
+    try:
+        return tfds.core.Version(folder_name) < Digits.VERSION
+    except ValueError:
+        return False
+
+
+def _build_options() -> dict:
+    return {
+        "file_format": DIGITS_FILE_FORMAT,
+        "download_config": tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP
+        ),
+    }
+
+
 def prepare_digits(data_dir: str | None) -> Digits:
-    """Returns the digits builder for `data_dir`, building the dataset there first if needed."""
+    """Returns the digits builder for `data_dir`, building it there first (~1 s) if needed.
+
+    A build of this version in another file format (e.g. TFRecord, written by hand with `tfds
+    build`) is deleted and rebuilt as ArrayRecord, with a log message.
+    """
     builder = Digits(data_dir=data_dir)
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                compute_stats=tfds.download.ComputeStatsMode.SKIP
-            )
+    if builder.is_prepared():
+        formats = {f.value for f in builder.info.available_file_formats()}
+        if DIGITS_FILE_FORMAT in formats:
+            return builder
+        logging.warning(
+            "digits in %s is stored as %s, not %s (needed for random access): rebuilding it.",
+            builder.data_path,
+            ", ".join(sorted(formats)),
+            DIGITS_FILE_FORMAT,
         )
+        builder.data_path.rmtree()
+        builder = Digits(data_dir=data_dir)
+    else:
+        folder = builder.data_path.parent
+        older = [path.name for path in folder.glob("*") if _is_older_version(path.name)]
+        if older:
+            logging.info(
+                "Found digits %s in %s written by an earlier hscl_jax (TFRecord); building "
+                "version %s (ArrayRecord) next to it. The old folder can be deleted.",
+                ", ".join(sorted(older)),
+                folder,
+                Digits.VERSION,
+            )
+    builder.download_and_prepare(**_build_options())
     return builder

@@ -13,6 +13,10 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 DIGITS_MEAN = (0.3055,)
 DIGITS_STD = (0.3759,)
 
+# The usual ImageNet statistics (torchvision's), for imagenet2012 and its subset imagenette.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -28,6 +32,11 @@ class DatasetInfo:
       train_split, test_split: TFDS split names used for training and for evaluation.
       num_train, num_test: number of examples in those splits (of the real, non-mocked data).
       grayscale: True when colour augmentations (jitter, random grayscale) make no sense.
+      variable_size: True when the stored images differ in size (e.g. ImageNet): each is then
+        decoded on the host with its shorter side resized to image_size and centre-cropped to
+        image_size x image_size (uint8), so that everything downstream sees one shape.
+      tfds_name: the TFDS catalogue name with its builder config, when it differs from name.
+      manual_download: what to put where before `tfds build`, for datasets TFDS cannot download.
     """
 
     name: str
@@ -42,6 +51,9 @@ class DatasetInfo:
     num_train: int
     num_test: int
     grayscale: bool
+    variable_size: bool = False
+    tfds_name: str | None = None
+    manual_download: str | None = None
 
 
 _DATASETS = {
@@ -102,6 +114,45 @@ _DATASETS = {
         num_test=8_000,
         grayscale=False,
     ),
+    # Host decode: shorter side to 256, centre 256 x 256 (variable_size); random resized crops of
+    # 224 px are taken inside that square (the SimCLR/SupCon ImageNet crop size).
+    "imagenet2012": DatasetInfo(
+        name="imagenet2012",
+        image_size=256,
+        channels=3,
+        num_classes=1000,
+        crop_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        train_split="train",
+        test_split="validation",
+        num_train=1_281_167,
+        num_test=50_000,
+        grayscale=False,
+        variable_size=True,
+        manual_download=(
+            "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+            "https://image-net.org (registration needed) into DATA_DIR/downloads/manual/"
+        ),
+    ),
+    # The 10-class ImageNet subset; the 320 px variant (shorter side 320) is 1/4 of the full-size
+    # download and loses nothing at 256 px.
+    "imagenette": DatasetInfo(
+        name="imagenette",
+        image_size=256,
+        channels=3,
+        num_classes=10,
+        crop_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        train_split="train",
+        test_split="validation",
+        num_train=9_469,
+        num_test=3_925,
+        grayscale=False,
+        variable_size=True,
+        tfds_name="imagenette/320px-v2",
+    ),
     # Random images and labels shaped like CIFAR-10, made in numpy (throughput runs without TF).
     "synthetic": DatasetInfo(
         name="synthetic",
@@ -120,7 +171,7 @@ _DATASETS = {
 }
 
 DATASET_NAMES = tuple(_DATASETS)
-TFDS_DATASET_NAMES = ("digits", "cifar10", "cifar100", "stl10")
+TFDS_DATASET_NAMES = ("digits", "cifar10", "cifar100", "stl10", "imagenet2012", "imagenette")
 
 
 def dataset_info(name: str) -> DatasetInfo:

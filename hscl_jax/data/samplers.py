@@ -6,6 +6,7 @@ stream can restart at any step.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -131,15 +132,21 @@ def class_balanced_epoch(
 
 
 class BatchIndexer:
-    """Maps a step to the indices of its global batch; keeps the current epoch's plan in memory."""
+    """Maps a step to the indices of its global batch.
+
+    Keeps the plans of the two latest epochs in memory, so that the steps in flight around an
+    epoch boundary do not recompute them; safe to call from several threads. Pickles without its
+    plans (Grain's worker processes get a copy).
+    """
 
     def __init__(
         self,
-        labels: np.ndarray,
         *,
+        num_examples: int,
         sampler: str,
         batch_size: int,
         seed: int,
+        labels: np.ndarray | None = None,
         classes_per_batch: int = 0,
         samples_per_class: int = 1,
     ):
@@ -147,22 +154,36 @@ class BatchIndexer:
             raise ValueError(f"Unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}.")
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}.")
-        self.labels = np.asarray(labels)
-        self.steps_per_epoch = steps_per_epoch_for(len(self.labels), batch_size)
+        self.num_examples = num_examples
+        self.steps_per_epoch = steps_per_epoch_for(num_examples, batch_size)
         self.sampler = sampler
         self.batch_size = batch_size
         self.seed = seed
+        self.labels = None
         if sampler == "class_balanced":
+            if labels is None or len(labels) != num_examples:
+                raise ValueError(
+                    f"class_balanced sampler needs the labels of all {num_examples} examples."
+                )
+            self.labels = np.asarray(labels)
             self.classes_per_batch, self.samples_per_class = resolve_class_balance(
                 self.labels, batch_size, classes_per_batch, samples_per_class
             )
-        self._epoch = -1
-        self._plan = np.empty((0, batch_size), dtype=np.int64)
+        self._plans: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"], state["_plans"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _plans={}, _lock=threading.Lock())
 
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """(steps_per_epoch, batch_size) indices of epoch `epoch`."""
         if self.sampler == "shuffle":
-            return shuffle_epoch(len(self.labels), self.batch_size, self.seed, epoch)
+            return shuffle_epoch(self.num_examples, self.batch_size, self.seed, epoch)
         return class_balanced_epoch(
             self.labels,
             self.classes_per_batch,
@@ -174,10 +195,13 @@ class BatchIndexer:
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._plan = self.epoch_plan(epoch)
-            self._epoch = epoch
-        return self._plan[step_in_epoch]
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is None:
+                plan = self._plans[epoch] = self.epoch_plan(epoch)
+                for old in sorted(self._plans)[:-2]:
+                    del self._plans[old]
+        return plan[step_in_epoch]
 
 
 def steps_per_epoch_for(num_examples: int, batch_size: int) -> int:
