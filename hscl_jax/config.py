@@ -53,7 +53,8 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     - ``loss``: ``name`` (ucl | scl | hucl | hscl | supcon) and the options of all losses; only
       those the chosen loss takes are passed to it (see hscl_jax.losses): ``temperature``,
       ``beta``, ``positives`` (all | partner), ``detach_weights``, ``tau_plus``, ``clamp``,
-      ``block_size``.
+      ``block_size``, ``hardening`` (hscl/hucl: exp | topk | poly, the weight of a negative; beta
+      is not passed with topk, which takes none) and ``top_k`` (topk's k).
     - ``optim``: ``name`` (adam | adamw | sgd | lars), ``learning_rate``, ``weight_decay`` (L2
       added to the gradient for adam/sgd), ``weight_decay_on_bn_and_bias``, ``schedule``
       (constant | warmup_cosine), ``warmup_steps``, ``final_lr_fraction``, ``b1``, ``b2``,
@@ -67,7 +68,17 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
       projections: the four losses, Assumption 1, the inequality flags; logged with the step
       metrics and as epoch means). ``enabled`` (False: the step is compiled without it),
       ``beta`` (None: config.loss.beta when the loss takes a beta, else 1.0), ``temperature``
-      (None: config.loss.temperature).
+      (None: config.loss.temperature), ``reference_size`` (> 0, with ``enabled``: at every
+      logging step the H-SCL loss of a fixed training batch is also computed against the first
+      ``reference_size`` training examples as negatives, and against the batch plus growing
+      parts of the queue: hscl_jax.theory.negative_set_estimates; 0: off).
+    - ``queue``: a labelled queue of negatives beyond the batch (MoCo-style keys from a momentum
+      encoder; hscl_jax.step). ``size`` (K keys; 0: off, the default, and then the step, state
+      and checkpoints are exactly those without a queue), ``momentum`` (EMA rate of the momentum
+      encoder's params and BatchNorm statistics, in [0, 1)), ``as_positives`` (supervised losses:
+      same-label queue rows are also positives), ``q`` (the tilted family's Q: "fixed", 2B - 2
+      as without a queue, the default, so that the queue only sharpens the estimate of the
+      tilted mean; "grows": Q also counts the filled queue rows; hscl_jax.losses.hscl).
     """
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -95,6 +106,8 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     config.loss.tau_plus = 0.0
     config.loss.clamp = False
     config.loss.block_size = config_dict.placeholder(int)
+    config.loss.hardening = "exp"
+    config.loss.top_k = config_dict.placeholder(int)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adam"
@@ -129,6 +142,13 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     config.theory.enabled = False
     config.theory.beta = config_dict.placeholder(float)
     config.theory.temperature = config_dict.placeholder(float)
+    config.theory.reference_size = 0
+
+    config.queue = ml_collections.ConfigDict()
+    config.queue.size = 0
+    config.queue.momentum = 0.99
+    config.queue.as_positives = False
+    config.queue.q = "fixed"
     return config
 
 
@@ -140,9 +160,12 @@ def loss_options(loss_config) -> dict[str, Any]:
     the config carries every loss's options so baselines are one ``--config.loss.name`` away).
     ``None`` values (unset placeholders) are left to the loss's default."""
     allowed = set(losses.allowed_options(loss_config.name)) - {"return_aux"}
-    return {
+    options = {
         key: value for key, value in loss_config.items() if key in allowed and value is not None
     }
+    if options.get("hardening") == "topk":
+        options.pop("beta", None)  # the config always carries a beta; "topk" takes none
+    return options
 
 
 def theory_hyperparameters(config) -> dict[str, float]:
@@ -170,6 +193,40 @@ def theory_monitor_options(config) -> dict[str, float] | None:
     if theory is None or not theory.get("enabled"):
         return None
     return theory_hyperparameters(config)
+
+
+# config.queue entries passed to the loss when the queue is on (to the losses that take them),
+# and the loss's names for them.
+QUEUE_LOSS_OPTIONS = {"as_positives": "queue_as_positives", "q": "queue_q"}
+SUPERVISED_LOSSES = ("scl", "hscl", "supcon")
+
+
+def queue_options(config) -> dict[str, Any] | None:
+    """None when the queue is off (config.queue.size == 0, or a config without ``queue``), else
+    ``{"size", "momentum", "loss_kwargs"}``: the step's queue size and EMA rate and the loss's
+    queue keyword arguments."""
+    queue = config.get("queue")
+    if queue is None or not queue.get("size"):
+        return None
+    allowed = losses.allowed_options(config.loss.name)
+    loss_kwargs = {
+        name: queue[key]
+        for key, name in QUEUE_LOSS_OPTIONS.items()
+        if name in allowed and key in queue
+    }
+    return {
+        "size": int(queue.size),
+        "momentum": float(queue.momentum),
+        "loss_kwargs": loss_kwargs,
+    }
+
+
+def reference_size_for(config) -> int:
+    """Training examples in the theory monitor's fixed reference set; 0 when the monitor or the
+    reference view is off."""
+    if theory_monitor_options(config) is None:
+        return 0
+    return int(config.theory.get("reference_size") or 0)
 
 
 def num_devices_for(config) -> int:
@@ -407,6 +464,8 @@ def check_theory(theory_config) -> None:
         isinstance(theory_config.enabled, bool),
         f"config.theory.enabled={theory_config.enabled!r} must be True or False",
     )
+    if "reference_size" in theory_config:
+        _non_negative_int(theory_config, "reference_size", "config.theory")
     for key, check, allowed in (
         ("beta", losses.check_beta, ">= 0"),
         ("temperature", losses.check_temperature, "> 0"),
@@ -422,6 +481,32 @@ def check_theory(theory_config) -> None:
             ) from None
 
 
+def check_queue(config) -> None:
+    """config.queue (absent in runs written before it existed): size, momentum, as_positives."""
+    queue = config.get("queue")
+    if queue is None:
+        return
+    _non_negative_int(queue, "size", "config.queue")
+    momentum = queue.momentum
+    _require(
+        isinstance(momentum, int | float)
+        and not isinstance(momentum, bool)
+        and 0.0 <= momentum < 1.0,
+        f"config.queue.momentum={momentum!r} must be a number in [0, 1)",
+    )
+    _require(
+        isinstance(queue.as_positives, bool),
+        f"config.queue.as_positives={queue.as_positives!r} must be True or False",
+    )
+    if "q" in queue:
+        _allowed(queue.q, losses.QUEUE_Q_MODES, "config.queue.q")
+    _require(
+        not queue.as_positives or config.loss.name in SUPERVISED_LOSSES,
+        f"config.queue.as_positives=True needs labels; config.loss.name={config.loss.name!r} is "
+        f"not one of {', '.join(SUPERVISED_LOSSES)}",
+    )
+
+
 def validate_config(config) -> None:
     """Checks every value the run depends on; raises ConfigError (a ValueError) with one line."""
     check_run(config)
@@ -434,6 +519,7 @@ def validate_config(config) -> None:
     check_data_dir_reachable(config.data)
     check_knn(config.knn, total_devices)
     check_theory(config.get("theory"))
+    check_queue(config)
 
 
 # ----------------------------------------------------------------------------- files
@@ -482,7 +568,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 # Config entries that change the sequence of batches or the optimisation; resuming with different
 # values cannot reproduce the uninterrupted run, so the run says so.
-RESUME_SENSITIVE = ("seed", "global_batch_size", "data", "loss", "optim", "model")
+RESUME_SENSITIVE = ("seed", "global_batch_size", "data", "loss", "optim", "model", "queue")
 
 
 def resume_mismatches(saved_config: dict, config_json: dict) -> list[str]:

@@ -36,28 +36,90 @@ AXIS_NAME = "batch"
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training; a plain pytree (checkpointed as a dict)."""
+    """Everything that changes during training; a plain pytree (checkpointed as a dict).
+
+    ``queue`` is None unless config.queue.size > 0 (the state, its checkpoints and the compiled
+    step are then exactly those of a run without a queue); else the dict of :func:`init_queue`.
+    """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    queue: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "params": self.params,
             "batch_stats": self.batch_stats,
             "opt_state": self.opt_state,
         }
+        if self.queue is not None:
+            state["queue"] = self.queue
+        return state
+
+
+# ----------------------------------------------------------------------------- the queue
+
+
+def init_queue(params, batch_stats, size: int, dim: int) -> dict[str, Any]:
+    """An empty labelled queue of ``size`` key projections of dimension ``dim``, and the momentum
+    encoder starting as a copy of the online model.
+
+    ``{"momentum": {"params", "batch_stats"}, "keys": (size, dim) float32, "labels": (size,)
+    int32, "count": ()}``: rows are newest first and the first ``count`` rows are filled (the
+    rest are zeros that the loss never sees: see :func:`queue_valid`).
+    """
+    return {
+        # Copies: a donated state must not hold one buffer twice.
+        "momentum": jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats}),
+        "keys": jnp.zeros((size, dim), jnp.float32),
+        "labels": jnp.zeros((size,), jnp.int32),
+        "count": jnp.zeros((), jnp.int32),
+    }
+
+
+def queue_valid(queue: dict[str, Any]) -> jax.Array:
+    """(K,) bool: the filled rows of ``queue`` (the first ``count``)."""
+    return jnp.arange(queue["labels"].shape[0]) < queue["count"]
+
+
+def enqueue(queue: dict[str, Any], keys: jax.Array, labels: jax.Array) -> dict[str, Any]:
+    """``queue`` with ``keys``/``labels`` (B rows, in order) put in front and its B oldest rows
+    dropped (first in, first out); a batch larger than the queue keeps its first K rows."""
+    size = queue["labels"].shape[0]
+    return {
+        **queue,
+        "keys": jnp.concatenate([keys.astype(jnp.float32), queue["keys"]])[:size],
+        "labels": jnp.concatenate([labels.astype(jnp.int32), queue["labels"]])[:size],
+        "count": jnp.minimum(queue["count"] + keys.shape[0], size).astype(jnp.int32),
+    }
+
+
+def loss_queue(queue: dict[str, Any]):
+    """The queue as the loss takes it (``queue=`` of hscl_jax.losses): keys, labels and the
+    mask of filled rows."""
+    return losses.Queue(queue["keys"], queue["labels"], queue_valid(queue))
+
+
+def momentum_update(online_variables, momentum_variables, momentum: float):
+    """The EMA ``momentum * momentum_variables + (1 - momentum) * online_variables`` (params and
+    BatchNorm statistics alike)."""
+    return optax.incremental_update(online_variables, momentum_variables, 1.0 - momentum)
 
 
 def create_train_state(
-    key: jax.Array, model: models.ContrastiveModel, tx, input_shape: tuple[int, ...]
+    key: jax.Array,
+    model: models.ContrastiveModel,
+    tx,
+    input_shape: tuple[int, ...],
+    queue_size: int = 0,
 ) -> TrainState:
     """Initialised parameters, BatchNorm statistics and optimizer state (on the default device).
 
-    ``input_shape`` is one example's (H, W, C).
+    ``input_shape`` is one example's (H, W, C). ``queue_size`` > 0 adds an empty queue of that
+    many keys and the momentum encoder (:func:`init_queue`).
     """
     # Partitionable threefry (JAX's default) makes XLA:CPU take ~18 s instead of ~3 s to compile
     # even a small CNN's init (measured on a 2-core CPU); init runs on one device, so the
@@ -65,11 +127,18 @@ def create_train_state(
     with jax.threefry_partitionable(False):
         variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *input_shape)), train=False))(key)
     params = variables["params"]
+    queue = None
+    if queue_size > 0:
+        _, projection = jax.eval_shape(
+            lambda v: model.apply(v, jnp.zeros((1, *input_shape)), train=False), variables
+        )
+        queue = init_queue(params, variables["batch_stats"], queue_size, projection.shape[-1])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(params),
+        queue=queue,
     )
 
 
@@ -84,6 +153,7 @@ def train_step(
     axis_name: str = AXIS_NAME,
     theory_kwargs: dict[str, float] | None = None,
     prepare_batch: Callable | None = None,
+    queue_momentum: float | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on this device's share of the global batch.
 
@@ -97,12 +167,34 @@ def train_step(
     ``theory_kwargs`` ({"beta", "temperature"}, see config.theory_monitor_options) adds
     hscl_jax.theory.theory_metrics of the step's projections (keys theory.THEORY_KEYS; no
     effect on the update); None leaves it out of the compiled step.
+
+    With a queue in ``state`` (``queue_momentum``: the EMA rate, config.queue.momentum), the
+    momentum encoder (EMA of the online params and BatchNorm statistics, updated first) embeds
+    view 2 into keys; the loss contrasts the anchors with the batch and with the queue's filled
+    rows as it was before this step (keys are constants: gradients flow through the queries
+    only); then the global batch's keys and labels are enqueued. Every device computes the same
+    all-gathered keys, so the replicated queues stay identical.
     """
     if prepare_batch is not None:
         batch = prepare_batch(batch)
     num_images = batch["view1"].shape[0]
     # One forward pass over both views: BatchNorm sees (and syncs) the statistics of all 2b views.
     images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    queue_kwargs = {}
+    if state.queue is not None:
+        momentum_variables = momentum_update(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            state.queue["momentum"],
+            queue_momentum,
+        )
+        # Train mode, as the online pass: BatchNorm normalises with the (global) batch's
+        # statistics; the running statistics of the key pass are not kept (those of the
+        # momentum model are the EMA of the online ones).
+        (_, keys), _ = model.apply(
+            momentum_variables, batch["view2"], train=True, mutable=["batch_stats"]
+        )
+        keys = lax.stop_gradient(keys.astype(jnp.float32))
+        queue_kwargs["queue"] = loss_queue(state.queue)
 
     def objective(params):
         (_, projection), updates = model.apply(
@@ -121,6 +213,7 @@ def train_step(
             axis_name=axis_name,
             return_aux=True,
             **loss_kwargs,
+            **queue_kwargs,
         )
         projections = None if theory_kwargs is None else (z1, z2)
         return loss, (aux, updates["batch_stats"], projections)
@@ -139,11 +232,20 @@ def train_step(
     def keep_if_bad(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
+    queue = None
+    if state.queue is not None:
+        queue = enqueue(
+            state.queue,
+            lax.all_gather(keys, axis_name, tiled=True),
+            lax.all_gather(batch["label"], axis_name, tiled=True),
+        )
+        queue = keep_if_bad({**queue, "momentum": momentum_variables}, state.queue)
     new_state = TrainState(
         step=state.step + 1,
         params=keep_if_bad(params, state.params),
         batch_stats=keep_if_bad(batch_stats, state.batch_stats),
         opt_state=keep_if_bad(opt_state, state.opt_state),
+        queue=queue,
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux._asdict().items()})
@@ -155,7 +257,10 @@ def train_step(
     return new_state, metrics
 
 
-def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch):
+def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch, queue_momentum=None):
+    # Without a queue the partial is exactly the one built before queues existed (no new keyword):
+    # the compiled step stays unchanged (tests/test_queue.py compares the HLO).
+    extra = {} if queue_momentum is None else {"queue_momentum": float(queue_momentum)}
     return functools.partial(
         train_step,
         model=model,
@@ -165,6 +270,7 @@ def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch):
         axis_name=AXIS_NAME,
         theory_kwargs=None if theory_kwargs is None else dict(theory_kwargs),
         prepare_batch=prepare_batch,
+        **extra,
     )
 
 
@@ -189,15 +295,24 @@ def first_replica_to_host(tree):
 
 
 def make_pmap_train_step(
-    model, tx, loss_name, loss_kwargs, devices=None, *, theory_kwargs=None, prepare_batch=None
+    model,
+    tx,
+    loss_name,
+    loss_kwargs,
+    devices=None,
+    *,
+    theory_kwargs=None,
+    prepare_batch=None,
+    queue_momentum=None,
 ) -> Callable:
     """``train_step`` under ``jax.pmap(axis_name=AXIS_NAME)``: replicated state, (D, b, ...) batch.
 
-    The state argument is donated (its buffers are reused for the new state). ``theory_kwargs``
-    and ``prepare_batch``: see :func:`train_step`.
+    The state argument is donated (its buffers are reused for the new state). ``theory_kwargs``,
+    ``prepare_batch`` and ``queue_momentum`` (needed when the state holds a queue): see
+    :func:`train_step`.
     """
     return jax.pmap(
-        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch, queue_momentum),
         axis_name=AXIS_NAME,
         devices=devices,
         donate_argnums=(0,),
@@ -205,7 +320,15 @@ def make_pmap_train_step(
 
 
 def make_shard_map_train_step(
-    model, tx, loss_name, loss_kwargs, mesh, *, theory_kwargs=None, prepare_batch=None
+    model,
+    tx,
+    loss_name,
+    loss_kwargs,
+    mesh,
+    *,
+    theory_kwargs=None,
+    prepare_batch=None,
+    queue_momentum=None,
 ) -> Callable:
     """The same ``train_step`` under ``jax.shard_map`` over a 1-D mesh with axis AXIS_NAME.
 
@@ -216,7 +339,7 @@ def make_shard_map_train_step(
 
     replicated, sharded = PartitionSpec(), PartitionSpec(AXIS_NAME)
     mapped = jax.shard_map(
-        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch, queue_momentum),
         mesh=mesh,
         in_specs=(replicated, sharded),
         out_specs=(replicated, replicated),
@@ -242,10 +365,13 @@ class BuiltStep:
     devices: tuple
     train_step: Callable  # pmapped: (replicated state, (D, b, ...) batch) -> (state, metrics)
     seed: int
+    queue_size: int = 0  # config.queue.size; 0: no queue
 
     def init_state(self) -> TrainState:
         """The freshly initialised state (``config.seed``) on the default device."""
-        return create_train_state(jax.random.key(self.seed), self.model, self.tx, self.input_shape)
+        return create_train_state(
+            jax.random.key(self.seed), self.model, self.tx, self.input_shape, self.queue_size
+        )
 
 
 def build_step(config, devices) -> BuiltStep:
@@ -260,6 +386,8 @@ def build_step(config, devices) -> BuiltStep:
     tx, schedule = optim.create_optimizer(config.optim, total_steps)
     loss_kwargs = config_lib.loss_options(config.loss)
     theory_kwargs = config_lib.theory_monitor_options(config)
+    queue = config_lib.queue_options(config) or {"size": 0, "momentum": None, "loss_kwargs": {}}
+    loss_kwargs.update(queue["loss_kwargs"])
     step = make_pmap_train_step(
         model,
         tx,
@@ -268,6 +396,7 @@ def build_step(config, devices) -> BuiltStep:
         devices,
         theory_kwargs=theory_kwargs,
         prepare_batch=data.device_augmentation(config.data),
+        queue_momentum=queue["momentum"],
     )
     return BuiltStep(
         model=model,
@@ -280,6 +409,7 @@ def build_step(config, devices) -> BuiltStep:
         devices=tuple(devices),
         train_step=step,
         seed=config.seed,
+        queue_size=queue["size"],
     )
 
 

@@ -1,18 +1,26 @@
-"""Sweep runner: methods x beta x seeds, one run after another, resumable.
+"""Sweep runner: methods x beta (x queue size, x hardening) x seeds, one run after another,
+resumable.
 
     python -m hscl_jax.sweep --config=configs/study.py --workdir=DIR
     python -m hscl_jax.sweep --config=configs/default.py --workdir=DIR --config.num_steps=100
 
-The grid is ``config.sweep`` when the config has one (see configs/study.py), else DEFAULT_GRID.
-Each run trains with hscl_jax.trainer in ``DIR/runs/<method>_b<beta>_s<seed>/`` and is evaluated
-with hscl_jax.evaluate (weighted kNN and linear probe on the frozen encoder). A finished run leaves
+The grid is ``config.sweep`` when the config has one (see configs/study.py and
+configs/study_queue.py), else DEFAULT_GRID. Optional grid entries: ``queue_sizes`` (every method and
+beta once per size; default (0,)), ``hardenings`` (tilted methods also once per hardening function
+other than "exp", without a queue; default ("exp",)) and ``hardening_options`` ({hardening:
+{config.loss field: value}}, the settings a hardening function runs with).
+Each run trains with hscl_jax.trainer in
+``DIR/runs/<method>_b<beta>_s<seed>[_q<size>][_<hardening>]/`` and is evaluated with
+hscl_jax.evaluate (weighted kNN and linear probe on the frozen encoder). A finished run leaves
 ``record.json`` there and is skipped when the sweep is started again; an interrupted run resumes
 from its last checkpoint. After every run the sweep rewrites
 
 - ``DIR/study.json``: a list with one record per finished run: ``method``, ``beta``, ``seed``,
-  ``knn_top1``, ``knn_top5``, ``linear_top1`` (fractions), ``wall_s``;
-- ``DIR/study.md``: mean +- std per (method, beta) cell, and H-SCL minus SCL (and H-UCL minus UCL)
-  per beta, paired over seeds, with a paired t-test.
+  ``queue_size``, ``hardening``, ``knn_top1``, ``knn_top5``, ``linear_top1`` (fractions),
+  ``wall_s``;
+- ``DIR/study.md``: mean +- std per (method, beta, queue size, hardening) cell; paired over seeds,
+  with a paired t-test: H-SCL minus SCL (and H-UCL minus UCL) per beta and queue size, each queue
+  size minus no queue, each hardening function minus "exp".
 
 Layer 6 (with train.py and bench/): imports trainer, evaluate, metrics, losses and config.
 """
@@ -46,10 +54,17 @@ class Run:
     method: str
     beta: float  # 0 for the untilted methods
     seed: int
+    queue_size: int = 0  # config.queue.size; 0: no queue
+    hardening: str = "exp"  # config.loss.hardening of the tilted methods
 
     @property
     def name(self) -> str:
-        return f"{self.method}_b{self.beta:g}_s{self.seed}"
+        name = f"{self.method}_b{self.beta:g}_s{self.seed}"
+        if self.queue_size:
+            name += f"_q{self.queue_size}"
+        if self.hardening != "exp":
+            name += f"_{self.hardening}"
+        return name
 
 
 def grid_runs(grid) -> list[Run]:
@@ -66,13 +81,19 @@ def grid_runs(grid) -> list[Run]:
     seeds = tuple(int(s) for s in grid["seeds"])
     if not seeds:
         raise ValueError("the sweep grid needs at least one seed")
+    queue_sizes = tuple(grid.get("queue_sizes", (0,)))
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in queue_sizes):
+        raise ValueError(f"sweep queue_sizes must be integers >= 0, got {queue_sizes}")
+    hardenings = [h for h in grid.get("hardenings", ("exp",)) if h != "exp"]
     # Seed-major order: a sweep stopped early still holds every cell for its first seeds.
-    return [
-        Run(method, beta, seed)
-        for seed in seeds
-        for method in methods
-        for beta in (betas if method in TILTED else (0.0,))
-    ]
+    runs = []
+    for seed in seeds:
+        for method in methods:
+            for beta in betas if method in TILTED else (0.0,):
+                runs += [Run(method, beta, seed, size) for size in queue_sizes]
+                if method in TILTED:
+                    runs += [Run(method, beta, seed, 0, h) for h in hardenings]
+    return runs
 
 
 def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
@@ -87,6 +108,13 @@ def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.Conf
         config.loss.temperature = base.sweep.supcon_temperature
     config.seed = run.seed
     config.data.seed = run.seed
+    if run.queue_size or "queue" in config:
+        config.queue.size = run.queue_size
+    if run.hardening != "exp":
+        config.loss.hardening = run.hardening
+        options = base.sweep.get("hardening_options", {}) if "sweep" in base else {}
+        for field, value in dict(options.get(run.hardening, {})).items():
+            config.loss[field] = value
     return config
 
 
@@ -104,6 +132,8 @@ def run_one(config: ml_collections.ConfigDict, run: Run, run_dir: str) -> dict:
         "method": run.method,
         "beta": run.beta,
         "seed": run.seed,
+        "queue_size": run.queue_size,
+        "hardening": run.hardening,
         **{k: float(results[k]) for k in METRICS},
         "wall_s": round(time.time() - start, 1),
     }
@@ -117,16 +147,32 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{100 * values.mean():.2f} +- {100 * std:.2f}"
 
 
-def paired_difference(
-    records: Iterable[dict], method: str, baseline: str, beta: float, metric: str
-) -> dict | None:
-    """method(beta) minus baseline over the seeds both finished: mean, std, t and p (two-sided)."""
+def _cell(record: dict) -> tuple[str, float, int, str]:
+    """(method, beta, queue size, hardening) of a record (records written before queues and
+    hardening functions existed had neither: no queue, "exp")."""
+    return (
+        record["method"],
+        float(record["beta"]),
+        int(record.get("queue_size", 0)),
+        record.get("hardening", "exp"),
+    )
+
+
+def _cell_of(method: str, beta: float = 0.0, queue_size: int = 0, hardening: str = "exp"):
+    return (method, float(beta) if method in TILTED else 0.0, queue_size, hardening)
+
+
+def paired_difference(records: Iterable[dict], cell: tuple, baseline: tuple, metric: str):
+    """Cell minus baseline cell (each ``(method, beta, queue_size, hardening)``) over the seeds
+    both finished: mean, std, t and p (two-sided); None with fewer than 2 pairs."""
     by_seed = {}
     for r in records:
-        if r["method"] == method and math.isclose(r["beta"], beta):
-            by_seed.setdefault(r["seed"], {})["a"] = r[metric]
-        if r["method"] == baseline:
-            by_seed.setdefault(r["seed"], {})["b"] = r[metric]
+        for key, wanted in (("a", cell), ("b", baseline)):
+            if _cell(r)[0] == wanted[0] and all(
+                math.isclose(x, y) if isinstance(x, float) else x == y
+                for x, y in zip(_cell(r)[1:], wanted[1:], strict=True)
+            ):
+                by_seed.setdefault(r["seed"], {})[key] = r[metric]
     diffs = np.array([v["a"] - v["b"] for v in by_seed.values() if len(v) == 2])
     if len(diffs) < 2:
         return None
@@ -146,20 +192,53 @@ def paired_difference(
     }
 
 
+def _comparisons(cells) -> list[tuple[str, tuple, tuple]]:
+    """(label, cell, baseline) of every paired comparison the cells allow."""
+    comparisons = []
+    for method, beta, size, hardening in cells:
+        if hardening == "exp":
+            for tilted, untilted in (("hscl", "scl"), ("hucl", "ucl")):
+                if method == tilted and _cell_of(untilted, 0.0, size) in cells:
+                    label = f"{tilted} - {untilted} (b{beta:g}, q{size})"
+                    comparisons.append(
+                        (label, (method, beta, size, hardening), (untilted, 0.0, size, "exp"))
+                    )
+    for method, beta, size, hardening in cells:
+        if size and hardening == "exp" and (method, beta, 0, "exp") in cells:
+            label = (
+                f"{method} b{beta:g}: q{size} - q0"
+                if method in TILTED
+                else f"{method}: q{size} - q0"
+            )
+            comparisons.append((label, (method, beta, size, hardening), (method, beta, 0, "exp")))
+    for method, beta, size, hardening in cells:
+        if hardening != "exp" and (method, beta, size, "exp") in cells:
+            label = f"{method} b{beta:g}: {hardening} - exp"
+            comparisons.append(
+                (label, (method, beta, size, hardening), (method, beta, size, "exp"))
+            )
+    return comparisons
+
+
 def study_markdown(records: list[dict]) -> str:
     """The per-cell table and the paired comparisons, as Markdown."""
-    cells: dict[tuple[str, float], list[dict]] = {}
+    cells: dict[tuple, list[dict]] = {}
     for r in records:
-        cells.setdefault((r["method"], r["beta"]), []).append(r)
+        cells.setdefault(_cell(r), []).append(r)
     lines = [
-        "| method | beta | seeds | kNN top-1 (%) | kNN top-5 (%) | linear top-1 (%) | wall s/run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | beta | queue | hardening | seeds | kNN top-1 (%) | kNN top-5 (%) "
+        "| linear top-1 (%) | wall s/run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {m: i for i, m in enumerate(losses.LOSS_NAMES)}
-    for (method, beta), rs in sorted(cells.items(), key=lambda c: (order[c[0][0]], c[0][1])):
+    ordered = sorted(cells, key=lambda c: (order[c[0]], c[1], c[3] != "exp", c[3], c[2]))
+    for cell in ordered:
+        method, beta, size, hardening = cell
+        rs = cells[cell]
         beta_text = f"{beta:g}" if method in TILTED else "-"
         lines.append(
-            f"| {method} | {beta_text} | {len(rs)} | "
+            f"| {method} | {beta_text} | {size} | {hardening if method in TILTED else '-'} | "
+            f"{len(rs)} | "
             + " | ".join(_mean_std([r[k] for r in rs]) for k in METRICS)
             + f" | {np.mean([r['wall_s'] for r in rs]):.0f} |"
         )
@@ -167,21 +246,18 @@ def study_markdown(records: list[dict]) -> str:
         "",
         "Paired differences over seeds (percentage points; two-sided paired t-test):",
         "",
-        "| comparison | beta | metric | n | mean diff | std | t | p |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| comparison | metric | n | mean diff | std | t | p |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for method, baseline in (("hscl", "scl"), ("hucl", "ucl")):
-        betas = sorted({r["beta"] for r in records if r["method"] == method})
-        for beta in betas:
-            for metric in METRICS:
-                d = paired_difference(records, method, baseline, beta, metric)
-                if d is None:
-                    continue
-                lines.append(
-                    f"| {method} - {baseline} | {beta:g} | {metric} | {d['n']} | "
-                    f"{100 * d['mean']:+.2f} | {100 * d['std']:.2f} | {d['t']:.2f} | "
-                    f"{d['p']:.3f} |"
-                )
+    for label, cell, baseline in _comparisons(ordered):
+        for metric in METRICS:
+            d = paired_difference(records, cell, baseline, metric)
+            if d is None:
+                continue
+            lines.append(
+                f"| {label} | {metric} | {d['n']} | {100 * d['mean']:+.2f} | "
+                f"{100 * d['std']:.2f} | {d['t']:.2f} | {d['p']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,12 @@ For a batch of projections ``z1, z2``:
 
   The H-UCL mean is exactly the weighted mixture of m_same and m_diff, and m_diff is the H-SCL
   mean, so m_same >= m_diff for every anchor makes H-SCL <= H-UCL on the batch.
+* :func:`hscl_against_negatives`: the H-SCL loss of a batch's anchors (partner positive, Q =
+  2B - 2) with log_mu taken over the other-class rows of any given set of negatives: the batch's
+  own views (the batch estimate, equal to hscl_jax.losses.hscl), the batch plus a queue, or a large
+  fixed reference set. :func:`negative_set_estimates` compares them: how far the estimate with
+  N = batch + first k queue rows sits from the reference one as k grows (the paper's analysis is
+  for N -> infinity, where the estimate of the tilted mean stops depending on the sample).
 * :func:`theory_metrics`: both, plus whether H-SCL <= H-UCL, SCL <= UCL and UCL < H-SCL held (as
   0/1 floats); the train-time monitor. :func:`beta_sweep`: the same across betas on fixed
   embeddings, showing where the lower-bound scenario UCL < H-SCL appears.
@@ -154,6 +160,100 @@ def assumption1(z1, z2, labels, *, beta, temperature=0.5, axis_name=None) -> dic
     if axis_name is None:
         return _assumption1_jit(z1, z2, labels, beta, temperature, None)
     return _assumption1(z1, z2, labels, beta, temperature, axis_name)
+
+
+# ----------------------------------------------------------------------------- N -> infinity
+
+
+def _hscl_against_negatives(z1, z2, labels, negatives, negative_labels, negative_valid, beta, t):
+    dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
+    anchors = jnp.concatenate([z1, z2]).astype(dtype)
+    partners = jnp.concatenate([z2, z1]).astype(dtype)
+    anchor_labels = jnp.concatenate([labels, labels])
+    s = anchors @ negatives.astype(dtype).T / t
+    s_partner = jnp.sum(anchors * partners, axis=-1) / t
+    mask = negative_valid[None, :] & (negative_labels[None, :] != anchor_labels[:, None])
+    log_mu = jax.vmap(_tilted_log_mean, in_axes=(0, 0, None))(s, mask, beta)
+    counted = jnp.any(mask, axis=1)
+    log_q = jnp.log(jnp.maximum(anchors.shape[0] - 2, 1).astype(dtype))
+    per_anchor = jax.nn.softplus(log_q + jnp.where(counted, log_mu, 0.0) - s_partner)
+    total = jnp.sum(jnp.where(counted, per_anchor, 0.0))
+    return (total / jnp.maximum(jnp.sum(counted), 1)).astype(jnp.float32)
+
+
+def hscl_against_negatives(
+    z1, z2, labels, negatives, negative_labels, negative_valid=None, *, beta, temperature=0.5
+) -> jax.Array:
+    """H-SCL of the batch ``z1, z2`` (anchors: all 2B views, positive: the partner view, Q = 2B -
+    2, as in :func:`four_losses`) with each anchor's tilted mean taken over the rows of
+    ``negatives`` (N, d) whose label differs from the anchor's (and ``negative_valid``, (N,) bool,
+    when given). With ``negatives`` = the batch's own views this is losses.hscl(...,
+    positives="partner"); anchors without any negative are left out of the mean. No gradient.
+    """
+    _check_batch(z1, z2, labels)
+    beta = losses.check_beta(beta)
+    temperature = losses.check_temperature(temperature)
+    if negative_valid is None:
+        negative_valid = jnp.ones(jnp.shape(negative_labels), bool)
+    args = (z1, z2, labels, negatives, negative_labels, negative_valid)
+    return _hscl_against_negatives_jit(*(lax.stop_gradient(a) for a in args), beta, temperature)
+
+
+_hscl_against_negatives_jit = jax.jit(_hscl_against_negatives)
+
+
+def queue_prefix_sizes(queue_size: int) -> tuple[int, ...]:
+    """The queue lengths :func:`negative_set_estimates` reports: 0 and K/8, K/4, K/2, K."""
+    return (0,) + tuple(
+        sorted({queue_size // 8, queue_size // 4, queue_size // 2, queue_size} - {0})
+    )
+
+
+def negative_set_estimates(
+    z1,
+    z2,
+    labels,
+    reference,
+    reference_labels,
+    *,
+    beta,
+    temperature=0.5,
+    queue_keys=None,
+    queue_labels=None,
+    queue_count=0,
+) -> dict[str, float]:
+    """The batch's H-SCL (:func:`hscl_against_negatives`) with three kinds of negative set.
+
+    ``hscl_reference``: over the fixed ``reference`` set (M, d) with ``reference_labels``;
+    ``hscl_batch``: over the batch's own 2B views (the batch estimate); ``hscl_queue_<k>`` for k in
+    :func:`queue_prefix_sizes` of the queue (``queue_keys`` (K, d), newest first, its first
+    ``queue_count`` rows filled): over the batch plus the queue's newest k rows. ``gap_<name>`` is
+    each estimate minus ``hscl_reference``. Plain floats.
+    """
+    batch_views = jnp.concatenate([z1, z2])
+    batch_labels = jnp.concatenate([labels, labels])
+    common = {"beta": beta, "temperature": temperature}
+    out = {
+        "hscl_reference": hscl_against_negatives(
+            z1, z2, labels, reference, reference_labels, **common
+        ),
+        "hscl_batch": hscl_against_negatives(z1, z2, labels, batch_views, batch_labels, **common),
+    }
+    if queue_keys is not None:
+        size = jnp.shape(queue_labels)[0]
+        negatives = jnp.concatenate([batch_views, queue_keys])
+        negative_labels = jnp.concatenate([batch_labels, queue_labels])
+        for k in queue_prefix_sizes(size)[1:]:
+            in_queue = jnp.arange(size) < min(k, int(queue_count))
+            valid = jnp.concatenate([jnp.ones(batch_labels.shape, bool), in_queue])
+            out[f"hscl_queue_{k}"] = hscl_against_negatives(
+                z1, z2, labels, negatives, negative_labels, valid, **common
+            )
+    out = {key: float(value) for key, value in out.items()}
+    for key in list(out):
+        if key != "hscl_reference":
+            out["gap_" + key[len("hscl_") :]] = out[key] - out["hscl_reference"]
+    return out
 
 
 # ----------------------------------------------------------------------------- combined

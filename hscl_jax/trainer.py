@@ -281,6 +281,74 @@ class StepMetrics:
         )
 
 
+class ReferenceMonitor:
+    """The theory monitor's N -> infinity view (config.theory.reference_size > 0): at a logging
+    step, the H-SCL loss of a fixed training batch against its own views, against its views plus
+    the queue's newest k keys, and against a fixed reference set of training examples, all
+    embedded by the current online model (hscl_jax.theory.negative_set_estimates).
+
+    The batch is the run's first (augmented) training batch and the reference set the first
+    ``reference_size`` unaugmented training examples, both fixed for the whole run. They are
+    embedded as the step embeds its batch (BatchNorm with the pass's own statistics, not kept), on
+    the first device.
+    """
+
+    def __init__(self, run: Run):
+        config = run.config
+        size = config_lib.reference_size_for(config)
+        batch = next(
+            config_lib.config_errors_from(
+                data.train_iterator,
+                config.data,
+                global_batch_size=config.global_batch_size,
+                seed=config.data.seed,
+                num_local_devices=1,
+            )
+        )
+        self._views = np.concatenate([batch["view1"][0], batch["view2"][0]])
+        self._labels = batch["label"][0]
+        images, labels = [], []
+        for eval_batch in data.eval_iterator(
+            config.data, split="train", batch_size=min(size, 1024), num_local_devices=1
+        ):
+            mask = eval_batch["mask"][0]
+            images.append(eval_batch["image"][0][mask])
+            labels.append(eval_batch["label"][0][mask])
+            if sum(len(x) for x in labels) >= size:
+                break
+        self._reference = np.concatenate(images)[:size]
+        self._reference_labels = np.concatenate(labels)[:size]
+        model = models.model_from_config(config.model)  # no cross-device BatchNorm
+
+        def project(variables, images):
+            (_, projection), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+            return projection.astype(np.float32)
+
+        self._project = jax.jit(project)
+        self._options = run.built.theory_options
+
+    def __call__(self, state) -> dict[str, float]:
+        variables = step_lib.first_replica_to_host(
+            {"params": state.params, "batch_stats": state.batch_stats}
+        )
+        views = self._project(variables, self._views)
+        reference = self._project(variables, self._reference)
+        queue = {}
+        if state.queue is not None:
+            host_queue = step_lib.first_replica_to_host(
+                {k: state.queue[k] for k in ("keys", "labels", "count")}
+            )
+            queue = {
+                "queue_keys": host_queue["keys"],
+                "queue_labels": host_queue["labels"],
+                "queue_count": int(host_queue["count"]),
+            }
+        z1, z2 = views[: len(self._labels)], views[len(self._labels) :]
+        return theory.negative_set_estimates(
+            z1, z2, self._labels, reference, self._reference_labels, **self._options, **queue
+        )
+
+
 def run_knn(run: Run, feature_fn, state, writer, step: int, *, write: bool = True) -> dict:
     """The kNN monitor on the current (replicated) state, written as the record of ``step``
     (every process computes it: the features are gathered across processes)."""
@@ -393,6 +461,7 @@ def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, 
     Raises preemption.StopRequested after saving the step at which ``stop`` (a
     preemption.StopSignals) asks to stop."""
     config, total = run.config, run.built.total_steps
+    reference = ReferenceMonitor(run) if config_lib.reference_size_for(config) else None
     knn = None
     loop_start = time.time()
     for step in range(start_step + 1, total + 1):
@@ -407,6 +476,9 @@ def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, 
         epoch_due = run.steps_per_epoch > 0 and step % run.steps_per_epoch == 0
         if due(step, config.log_every_steps, total) or checkpoint_due or eval_due or epoch_due:
             step_metrics.flush(step)
+        if reference is not None and due(step, config.log_every_steps, total):
+            writer.write(step, reference(state), tensorboard_prefix="reference/")
+            step_metrics.restart_clock()
         if epoch_due:
             step_metrics.write_epoch_theory(step)
         stopping = step < total and stop.should_stop(step)

@@ -91,7 +91,13 @@ def test_loss_options_pass_only_what_the_loss_takes(tiny_digits_config):
         "tau_plus": 0.0,
         "clamp": False,
         "block_size": 64,
+        "hardening": "exp",
     }
+    # "topk" takes no beta: the config's beta is not passed with it.
+    config.loss.name, config.loss.hardening, config.loss.top_k = "hscl", "topk", 8
+    options = config_lib.loss_options(config.loss)
+    assert options["top_k"] == 8 and "beta" not in options
+    config_lib.check_loss(config.loss)
 
 
 def test_every_config_file_loads_and_validates(repo_root):

@@ -34,6 +34,8 @@ def test_two_run_grid_runs_then_skips_finished_runs(tmp_path, monkeypatch, tiny_
             "method",
             "beta",
             "seed",
+            "queue_size",
+            "hardening",
             "knn_top1",
             "knn_top5",
             "linear_top1",
@@ -47,7 +49,7 @@ def test_two_run_grid_runs_then_skips_finished_runs(tmp_path, monkeypatch, tiny_
     assert hscl_config.seed == 3 and hscl_config.data.seed == 3
     with open(f"{workdir}/study.md") as f:
         markdown = f.read()
-    assert "| scl | - | 1 |" in markdown and "| hscl | 2 | 1 |" in markdown
+    assert "| scl | - | 0 | - | 1 |" in markdown and "| hscl | 2 | 0 | exp | 1 |" in markdown
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -70,6 +72,36 @@ def test_grid_order_and_errors():
         sweep.grid_runs({"methods": ("nce",), "betas": (1,), "seeds": (0,)})
     with pytest.raises(ValueError, match="betas must be >= 0"):
         sweep.grid_runs({"methods": ("hscl",), "betas": (-1,), "seeds": (0,)})
+    with pytest.raises(ValueError, match=r"queue_sizes must be integers >= 0, got \(0, -4\)"):
+        sweep.grid_runs({"methods": ("scl",), "betas": (1,), "seeds": (0,), "queue_sizes": (0, -4)})
+
+
+def test_queue_and_hardening_grid_and_run_configs(tiny_digits_config):
+    grid = {
+        "methods": ("scl", "hscl"),
+        "betas": (1.0,),
+        "seeds": (0,),
+        "queue_sizes": (0, 64),
+        "hardenings": ("exp", "topk"),
+    }
+    runs = sweep.grid_runs(grid)
+    assert [r.name for r in runs] == [
+        "scl_b0_s0",
+        "scl_b0_s0_q64",
+        "hscl_b1_s0",
+        "hscl_b1_s0_q64",
+        "hscl_b1_s0_topk",
+    ]
+    base = tiny_digits_config()
+    base.sweep = ml_collections.ConfigDict(
+        {**grid, "hardening_options": {"topk": {"temperature": 0.25}}}
+    )
+    queued = sweep.run_config(base, runs[3])
+    assert queued.queue.size == 64 and queued.loss.name == "hscl" and "sweep" not in queued
+    assert sweep.run_config(base, runs[2]).queue.size == 0
+    hardened = sweep.run_config(base, runs[4])
+    assert hardened.loss.hardening == "topk" and hardened.loss.temperature == 0.25
+    assert hardened.queue.size == 0
 
 
 def test_paired_difference_and_markdown():
@@ -92,7 +124,26 @@ def test_paired_difference_and_markdown():
             ("hscl", 1.0, 2, 0.93),
         ]
     ]
-    d = sweep.paired_difference(records, "hscl", "scl", 1.0, "knn_top1")
+    d = sweep.paired_difference(
+        records, ("hscl", 1.0, 0, "exp"), ("scl", 0.0, 0, "exp"), "knn_top1"
+    )
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.05 / 3)
     assert 0.0 < d["p"] < 1.0
-    assert "| hscl - scl | 1 | knn_top1 | 3 | +1.67 |" in sweep.study_markdown(records)
+    assert "| hscl - scl (b1, q0) | knn_top1 | 3 | +1.67 |" in sweep.study_markdown(records)
+    # Queue and hardening cells are compared with their own baselines, paired over seeds.
+    more = [
+        dict(r, queue_size=64, knn_top1=r["knn_top1"] + 0.01 * (1 + r["seed"]))
+        for r in records
+        if r["method"] == "scl"
+    ]
+    more += [
+        dict(r, hardening="topk", knn_top1=r["knn_top1"] - 0.02)
+        for r in records
+        if r["method"] == "hscl"
+    ]
+    markdown = sweep.study_markdown(records + more)
+    assert "| scl | - | 64 | - | 3 | 93.00 +- 1.73 |" in markdown
+    assert "| scl: q64 - q0 | knn_top1 | 3 | +2.00 | 1.00 |" in markdown
+    assert "| hscl b1: topk - exp | knn_top1 | 3 | -2.00 | 0.00 |" in markdown
+    # H-SCL without a queue is not compared with SCL with one.
+    assert "hscl - scl (b1, q64)" not in markdown
