@@ -296,10 +296,14 @@ class ReferenceMonitor:
     def __init__(self, run: Run):
         config = run.config
         size = config_lib.reference_size_for(config)
+        # Float views and images made on the host: the same ones the device path makes (to
+        # float32 rounding), without a device-augmentation pass for a once-per-run batch.
+        host_data = config.data.copy_and_resolve_references()
+        host_data.augment_on = "host"
         batch = next(
             config_lib.config_errors_from(
                 data.train_iterator,
-                config.data,
+                host_data,
                 global_batch_size=config.global_batch_size,
                 seed=config.data.seed,
                 num_local_devices=1,
@@ -309,7 +313,7 @@ class ReferenceMonitor:
         self._labels = batch["label"][0]
         images, labels = [], []
         for eval_batch in data.eval_iterator(
-            config.data, split="train", batch_size=min(size, 1024), num_local_devices=1
+            host_data, split="train", batch_size=min(size, 1024), num_local_devices=1
         ):
             mask = eval_batch["mask"][0]
             images.append(eval_batch["image"][0][mask])

@@ -83,6 +83,9 @@ def test_queue_positives_need_a_supervised_loss(tiny_digits_config):
 
 
 def _lowered_text(config):
+    # Host-augmented views in, so the batch below is what the step takes (augment_on="device"
+    # would ship uint8 images and parameters instead; the queue does not depend on it).
+    config.data.augment_on = "host"
     devices = jax.local_devices()[:1]
     built = step_lib.build_step(config, devices)
     state = step_lib.replicate(built.init_state(), devices)
