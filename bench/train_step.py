@@ -73,6 +73,9 @@ def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, be
     config.loss.name = loss_name
     config.loss.beta = beta
     config.num_steps = steps
+    # Ready float views in: this times encoder + loss + update; device augmentation's cost is
+    # measured on its own by bench/pipeline.py --augment.
+    config.data.augment_on = "host"
     built = step_lib.build_step(config, devices)
     step, shape = built.train_step, built.input_shape
     replicated = step_lib.replicate(built.init_state(), devices)
