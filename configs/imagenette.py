@@ -1,7 +1,7 @@
 """H-SCL on Imagenette (10 ImageNet classes, 9,469 training images): the ImageNet recipe at a size
 one GPU trains in hours.
 
-Same pipeline and model as configs/imagenet.py (ResNet-50 with the ImageNet stem, 256 px host
+The recipe of configs/imagenet.py, which this file loads and changes (ResNet-50 with the ImageNet stem, 256 px host
 decode, 224 px random resized crops, bfloat16 compute, H-SCL beta = 1, temperature 0.1, LARS with
 warm-up + cosine, no decay on BatchNorm and biases), with SimCLR's small-batch settings: global
 batch 256, learning rate 0.075 x sqrt(256) = 1.2 (square-root scaling), 10 warm-up epochs, 200
@@ -20,29 +20,25 @@ available with this dataset); no number is claimed. The mock-data end-to-end tes
 """
 
 import math
+import os
 
 from hscl_jax import config as config_lib
+from hscl_jax import data
 
 _BATCH = 256
 _STEPS_PER_EPOCH = 9_469 // _BATCH  # 36, the last partial batch dropped
 
 
 def get_config():
-    config = config_lib.base_config("imagenette")
+    config = config_lib.config_from_file(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet.py")
+    )
+    config.data = data.default_data_config("imagenette")
+    config.data.eval_image_size = 224
     config.global_batch_size = _BATCH
     config.num_epochs = 200
-    config.model.name = "resnet50"
-    config.model.stem = "imagenet"
-    config.model.dtype = "bfloat16"
-    config.loss.temperature = 0.1
-    config.optim.name = "lars"
     config.optim.learning_rate = 0.075 * math.sqrt(_BATCH)
-    config.optim.momentum = 0.9
-    config.optim.weight_decay = 1e-6
-    config.optim.weight_decay_on_bn_and_bias = False
-    config.optim.schedule = "warmup_cosine"
     config.optim.warmup_steps = 10 * _STEPS_PER_EPOCH
-    config.data.eval_image_size = 224
     config.eval_every_steps = 20 * _STEPS_PER_EPOCH
     config.checkpoint_every_steps = 5 * _STEPS_PER_EPOCH
     return config
