@@ -1,11 +1,12 @@
 """H-SCL on Imagenette (10 ImageNet classes, 9,469 training images): the ImageNet recipe at a size
 one GPU trains in hours.
 
-The recipe of configs/imagenet.py, which this file loads and changes (ResNet-50 with the ImageNet stem, 256 px host
-decode, 224 px random resized crops, bfloat16 compute, H-SCL beta = 1, temperature 0.1, LARS with
-warm-up + cosine, no decay on BatchNorm and biases), with SimCLR's small-batch settings: global
-batch 256, learning rate 0.075 x sqrt(256) = 1.2 (square-root scaling), 10 warm-up epochs, 200
-epochs of 36 steps; weighted kNN on the 3,925 validation images every 20 epochs.
+The recipe of configs/imagenet.py, which this file loads and changes (ResNet-50 with the
+ImageNet stem, 256 px host decode, 224 px random resized crops, bfloat16 compute, H-SCL
+beta = 1, temperature 0.1, LARS with warm-up + cosine, no decay on BatchNorm and biases), with
+SimCLR's small-batch settings: global batch 256, learning rate 0.075 x sqrt(256) = 1.2
+(square-root scaling), 10 warm-up epochs, 200 epochs of 36 steps; weighted kNN on the 3,925
+validation images every 20 epochs.
 
 TFDS `imagenette/320px-v2` (shorter side 320 px, 0.33 GB) must be prepared first, on a machine
 with network access: `tfds build imagenette/320px-v2 --data_dir=DATA_DIR
