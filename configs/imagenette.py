@@ -24,7 +24,6 @@ import math
 import os
 
 from hscl_jax import config as config_lib
-from hscl_jax import data
 
 _BATCH = 256
 _STEPS_PER_EPOCH = 9_469 // _BATCH  # 36, the last partial batch dropped
@@ -34,7 +33,7 @@ def get_config():
     config = config_lib.config_from_file(
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet.py")
     )
-    config.data = data.default_data_config("imagenette")
+    config.data = config_lib.base_config("imagenette").data
     config.data.eval_image_size = 224
     config.global_batch_size = _BATCH
     config.num_epochs = 200
