@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from typing import Any
@@ -28,6 +29,44 @@ EMBEDDINGS_NPZ = "embeddings.npz"
 
 class WorkdirError(ValueError):
     """A run directory that cannot be used: a regular file, or not writable."""
+
+
+class _EventFile:
+    """A TensorBoard event file: tensorboard's record framing over a plain local file.
+
+    tensorboard's own EventFileWriter opens its file through ``tensorboard.compat.tf``, which
+    imports the whole of TensorFlow whenever it is installed (10 s of every run's start here, and
+    TensorFlow on the device-augmentation path); a run directory is a local path, so a plain file
+    does. Raises ImportError when tensorboard is not installed.
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        # TensorBoard's naming; the last field tells apart the files one process opens in the
+        # same second (a run resumed in the process that wrote the previous file).
+        stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        uid = 0
+        while True:
+            try:
+                handle = open(os.path.join(logdir, f"{stem}.{uid}"), "xb")  # noqa: SIM115
+                break
+            except FileExistsError:
+                uid += 1
+        self._records = RecordWriter(handle)
+        self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def add_event(self, event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -97,8 +136,8 @@ def drop_records_after(path: str, step: int) -> None:
 class MetricWriter:
     """metrics.jsonl + TensorBoard event files in ``workdir``; a no-op on processes other than 0.
 
-    TensorBoard events are written with tensorboard's own event writer (no TensorFlow needed);
-    when the tensorboard package is missing, only metrics.jsonl is written.
+    TensorBoard events are written with tensorboard's record framing over a plain file, never
+    importing TensorFlow; when the tensorboard package is missing, only metrics.jsonl is written.
     """
 
     def __init__(self, workdir: str, *, enabled: bool, resumed_at: int | None = None):
@@ -113,11 +152,10 @@ class MetricWriter:
             drop_records_after(path, resumed_at)
         self._jsonl = open(path, "a")  # noqa: SIM115
         try:
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            self._events = _EventFile(os.path.join(workdir, TENSORBOARD_DIR))
         except ImportError:
             logging.warning("tensorboard is not installed: no TensorBoard event files")
         else:
-            self._events = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
             if resumed_at is not None:
                 from tensorboard.compat.proto import event_pb2
 

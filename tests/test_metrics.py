@@ -36,3 +36,55 @@ def test_json_written_atomically_and_workdir_checked(tmp_path):
         metrics.prepare_workdir(path)
     with pytest.raises(metrics.WorkdirError, match=r"workdir '.*x.json/run' is not writable"):
         metrics.prepare_workdir(os.path.join(path, "run"))
+
+
+_WRITE_TWO_RUNS = """
+import sys
+from hscl_jax import metrics
+workdir = sys.argv[1]
+writer = metrics.MetricWriter(workdir, enabled=True)
+writer.write(1, {"loss": 2.5})
+writer.write(2, {"loss": 1.5, "knn_top1": 0.5})
+writer.close()
+writer = metrics.MetricWriter(workdir, enabled=True, resumed_at=1)  # same process, same second
+writer.write(2, {"loss": 1.25}, tensorboard_prefix="epoch/")
+writer.close()
+print("tensorflow" in sys.modules)
+"""
+
+
+def test_tensorboard_events_are_written_without_importing_tensorflow(tmp_path):
+    pytest.importorskip("tensorboard")
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", _WRITE_TWO_RUNS, str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"  # TensorFlow was never imported
+    files = sorted(os.listdir(tmp_path / metrics.TENSORBOARD_DIR))
+    assert len(files) == 2 and files[0].endswith(".0") and files[1].endswith(".1"), files
+    events = [
+        list(LegacyEventFileLoader(str(tmp_path / metrics.TENSORBOARD_DIR / name)).Load())
+        for name in files
+    ]
+    assert all(run[0].file_version == "brain.Event:2" for run in events)
+    scalars = [
+        [(e.step, v.tag, v.simple_value) for e in run for v in e.summary.value] for run in events
+    ]
+    assert scalars[0] == [(1, "loss", 2.5), (2, "loss", 1.5), (2, "knn_top1", 0.5)]
+    assert scalars[1] == [(2, "epoch/loss", 1.25)]
+    # The resumed writer marks the restart, so TensorBoard drops the first file's later steps.
+    assert [(e.step, e.session_log.status) for e in events[1] if e.HasField("session_log")] == [
+        (1, 1)
+    ]
+    with open(tmp_path / metrics.METRICS_JSONL) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]

@@ -541,6 +541,47 @@ def test_synthetic_config_trains_without_tensorflow(tmp_path):
     assert _checkpoint_steps(workdir) == [2]
 
 
+_REPORTING_TENSORFLOW = """
+import runpy, sys
+sys.argv = ["train.py"] + sys.argv[1:]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_prepared_digits_with_device_augmentation_never_imports_tensorflow(tmp_path):
+    from hscl_jax.data import digits_builder
+
+    data_dir = str(tmp_path / "tfds")
+    digits_builder.prepare_digits(data_dir)  # preparing a dataset may use TensorFlow; training not
+    workdir = tmp_path / "run"
+    flags = [
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.augment_on=device",
+        *_TINY_FLAGS[:4],
+        "--config.num_steps=2",
+        "--config.eval_every_steps=2",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORTING_TENSORFLOW, *flags],
+        cwd=REPO,
+        env=_subprocess_env(tmp_path, 1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tensorflow imported: False" in result.stdout, result.stdout[-3000:]
+    # TensorBoard events and the kNN monitor were written all the same.
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert [r["step"] for r in _read_metrics(workdir) if "knn_top1" in r] == [2]
+
+
 # ----------------------------------------------------------------------------- bad configs
 
 
