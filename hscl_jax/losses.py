@@ -870,7 +870,17 @@ def _anchor_terms(
     dense_log_mu = dense_pairs = None
     state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
     if spec.hardening == "topk":
-        state0["neg_threshold"] = _topk_thresholds(spec, hyper, rows, partner, over_tiles, dtype)
+        # Columns, padding included, bound every anchor's negatives from above (its own view is
+        # a column and never a negative): with top_k >= that, every negative is kept.
+        n_columns = sum(
+            t.z.shape[0] * t.z.shape[1] for t in (cols_tiles, queue_tiles) if t is not None
+        )
+        if spec.top_k >= n_columns:
+            state0["neg_threshold"] = jnp.full((n_rows,), -jnp.inf, dtype)
+        else:
+            state0["neg_threshold"] = _topk_thresholds(
+                spec, hyper, rows, partner, over_tiles, dtype
+            )
     if block_size is None and spec.family == "tilted" and spec.hardening == "exp":
         dense_log_mu, dense_pairs, state = _dense_terms(
             spec, hyper, rows, partner, cols, queue, log_q

@@ -46,6 +46,7 @@ def _hardening_cases(z1, z2, labels, temperature, beta):
     path is in test_losses.py's property test.
     """
     many = 10**6  # top_k beyond any number of negatives
+    all_but_one = 2 * z1.shape[0] - 1  # still more than the 2B - 2 negatives an anchor can have
 
     def vg(name, block_size=None, **options):
         def fn(a, b):
@@ -62,6 +63,12 @@ def _hardening_cases(z1, z2, labels, temperature, beta):
         "topk all == scl": (vg("hscl", hardening="topk", top_k=many), vg("scl")),
         "topk all == scl, blocked": (
             vg("hscl", hardening="topk", top_k=many, **blocked),
+            vg("scl", **blocked),
+        ),
+        # One less than the columns: the threshold pass runs (top_k >= columns skips it).
+        "topk 2B-1 == scl": (vg("hscl", hardening="topk", top_k=all_but_one), vg("scl")),
+        "topk 2B-1 == scl, blocked": (
+            vg("hscl", hardening="topk", top_k=all_but_one, **blocked),
             vg("scl", **blocked),
         ),
         "hucl topk all == ucl": (vg("hucl", hardening="topk", top_k=many), vg("ucl")),

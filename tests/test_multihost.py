@@ -38,7 +38,9 @@ _TINY_FLAGS = [
     "--config.knn.eval_batch_size=256",
 ]
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module, so the two reference runs and the compilation cache that
+# every later run reuses are made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
 
 def _run(cache_dir, workdir, *, processes, env_extra=None, launch_flags=()):
@@ -90,12 +92,18 @@ def _restore(workdir, step):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def jax_cache(tmp_path_factory):
+    """A persistent compilation cache shared by every run of the module."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, jax_cache):
     """{"one": workdir of 1 process x 8 devices, "two": of 2 processes x 4 devices}."""
     root = tmp_path_factory.mktemp("multihost")
     workdirs = {"one": str(root / "one"), "two": str(root / "two")}
     for name, processes in (("one", 1), ("two", 2)):
-        result = _run(root / "jax_cache", workdirs[name], processes=processes)
+        result = _run(jax_cache, workdirs[name], processes=processes)
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     return workdirs
 
@@ -179,11 +187,11 @@ def test_only_process_0_writes_metrics_tensorboard_and_config(runs):
     assert events.endswith(f".{records[0]['pid']}.0")
 
 
-def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, tmp_path):
+def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, jax_cache, tmp_path):
     killed = str(tmp_path / "killed")
     kill_at = int(0.6 * NUM_STEPS)
     result = _run(
-        tmp_path / "jax_cache",
+        jax_cache,
         killed,
         processes=2,
         env_extra={"HSCL_TEST_KILL_AT_STEP": str(kill_at)},
@@ -192,7 +200,7 @@ def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, t
     assert result.returncode == 128 + 9, output[-5000:]
     steps = checkpoints.checkpoint_steps(killed)
     assert steps and steps[-1] in (kill_at - 4, kill_at), steps
-    result = _run(tmp_path / "jax_cache", killed, processes=2)
+    result = _run(jax_cache, killed, processes=2)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     for process in (0, 1):
@@ -203,11 +211,13 @@ def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, t
         np.testing.assert_array_equal(a, e)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exact(runs, tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exact(
+    runs, jax_cache, tmp_path
+):
     stopped = str(tmp_path / "stopped")
     signal_at = int(0.6 * NUM_STEPS)
     result = _run(
-        tmp_path / "jax_cache",
+        jax_cache,
         stopped,
         processes=2,
         env_extra={"HSCL_TEST_SIGTERM_AT_STEP": str(signal_at), "HSCL_TEST_ONLY_PROCESS": "1"},
@@ -223,7 +233,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exac
     assert stops[0] == stops[1] and signal_at <= stops[0] < NUM_STEPS, stops
     assert checkpoints.checkpoint_steps(stopped)[-1] == stops[0]
 
-    result = _run(tmp_path / "jax_cache", stopped, processes=2)
+    result = _run(jax_cache, stopped, processes=2)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert f"Resumed from checkpoint at step {stops[0]}" in output
@@ -232,10 +242,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exac
         np.testing.assert_array_equal(a, e)
 
 
-def test_a_process_dying_alone_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+def test_a_process_dying_alone_stops_the_other_within_the_heartbeat_timeout(jax_cache, tmp_path):
     heartbeat = 10
     result = _run(
-        tmp_path / "jax_cache",
+        jax_cache,
         str(tmp_path / "run"),
         processes=2,
         env_extra={"HSCL_TEST_KILL_AT_STEP": "12", "HSCL_TEST_ONLY_PROCESS": "1"},

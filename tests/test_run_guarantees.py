@@ -192,13 +192,13 @@ _TINY_FLAGS = [
 ]
 
 
-def _train(tmp_path, workdir, *, signal_name=None, stop_at=None):
+def _train(jax_cache, workdir, *, signal_name=None, stop_at=None):
     env = dict(
         os.environ,
         PYTHONPATH=REPO,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_COMPILATION_CACHE_DIR=str(jax_cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     command = [sys.executable, "train.py", f"--workdir={workdir}", *_TINY_FLAGS]
@@ -208,16 +208,25 @@ def _train(tmp_path, workdir, *, signal_name=None, stop_at=None):
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """(workdir of an uninterrupted train.py run, the compilation cache later runs reuse)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    jax_cache, reference = root / "jax_cache", str(root / "reference")
+    result = _train(jax_cache, reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return reference, jax_cache
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("signals")  # one worker: the uninterrupted run is made once
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resuming_is_exact(
-    tmp_path, signal_name
+    uninterrupted_run, tmp_path, signal_name
 ):
-    reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
-    result = _train(tmp_path, reference)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    result = _train(tmp_path, stopped, signal_name=signal_name, stop_at=6)
+    reference, jax_cache = uninterrupted_run
+    stopped = str(tmp_path / "stopped")
+    result = _train(jax_cache, stopped, signal_name=signal_name, stop_at=6)
     assert result.returncode == preemption.EXIT_STATUS, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line == (
@@ -229,7 +238,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resuming_is_exact(
         logged = [json.loads(line)["step"] for line in f]
     assert logged == [2, 4, 6]  # the metrics of the stopping step were flushed
 
-    result = _train(tmp_path, stopped)
+    result = _train(jax_cache, stopped)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from checkpoint at step 6" in result.stderr
     _assert_same_tree(_params(stopped, 10), _params(reference, 10))
