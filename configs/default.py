@@ -8,11 +8,12 @@ optimiser); global batch 128 (256 views), 300 steps (~27 epochs of the 1438 trai
 the "digits" augmentation preset (mild random resized crops, no flips or colour ops); weighted kNN
 (k = 200, T = 0.5) on the 359 test digits every 100 steps.
 
-Measured 2026-12-01 on the quiet 2-core CPU VM, jax 0.10.2, streaming ArrayRecord source,
-device augmentation (the default): `python train.py --config=configs/default.py --workdir=DIR`
-took 52.4 s wall and reached knn_top1 = 0.9777; with --config.data.augment_on=host 52.0 s,
-0.9749. Earlier code (in-memory source, host augmentation), on the same VM shared with other
-jobs: 56 s wall (first step incl.
+Measured 2026-12-02 on the quiet 2-core CPU VM, jax 0.10.2, streaming ArrayRecord source,
+device augmentation (the default, which never imports TensorFlow once digits is prepared):
+`python train.py --config=configs/default.py --workdir=DIR` took 41.0 s wall and reached
+knn_top1 = 0.9777; with --config.data.augment_on=host 48.5 s, 0.9749. (2026-12-01, before the
+TensorBoard writer stopped importing TensorFlow: 52.4 s and 52.0 s.) Earlier code (in-memory
+source, host augmentation), on the same VM shared with other jobs: 56 s wall (first step incl.
 compilation 6 s, then ~8 steps/s) and reached knn_top1 = 0.9777 (351/359), knn_top5 = 1.0 at step
 300 (0.9694 at step 100). Same command with --config.seed=1 --config.data.seed=1: 0.9721; with
 seed 2: 0.9777 (those two under heavier machine load, ~1m40-1m55 wall). Overrides on seed 0:

@@ -72,9 +72,15 @@ class _EventFile:
 def prepare_workdir(workdir: str) -> None:
     """Creates ``workdir`` when it is missing and checks that a file can be written in it.
 
-    Raises WorkdirError (one line) for a path that is a file or not writable, before the run
-    writes anything.
+    Raises WorkdirError (one line) for a URL (``gs://``...), a path that is a file or one that is
+    not writable, before the run writes anything.
     """
+    if "://" in workdir:
+        # Run files are appended to and renamed in place, which object stores do not offer.
+        raise WorkdirError(
+            f"workdir {workdir!r} is a URL; give a local or mounted directory (for several "
+            "hosts: a shared file system mounted at the same path on every host)"
+        )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(
             f"workdir {workdir!r} is a file, not a directory; give a directory (created when "

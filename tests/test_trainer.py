@@ -468,6 +468,7 @@ _BAD_INPUTS = {
         r"storage\.googleapis\.com does not resolve",
     ),
     "workdir is a file": ([], r"workdir '.*' is a file, not a directory"),
+    "workdir is a URL": ([], r"workdir 'gs://bucket/run' is a URL; give a local or mounted"),
     "read-only workdir": ([], r"workdir '.*' is not writable \(.*\)"),
 }
 
@@ -480,6 +481,8 @@ def test_train_py_refuses_bad_input_in_one_line(case, tmp_path, request):
         workdir.write_text("not a run")
     if case == "read-only workdir":
         workdir = request.getfixturevalue("read_only_dir") / "run"
+    if case == "workdir is a URL":
+        workdir = "gs://bucket/run"
     if case == "remote data_dir" and not _no_network():
         pytest.skip("storage.googleapis.com resolves here: the check would pass")
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
@@ -495,7 +498,9 @@ def test_train_py_refuses_bad_input_in_one_line(case, tmp_path, request):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-2000:]
     assert re.match("error: " + message, lines[0]), lines[0]
-    if case not in ("workdir is a file", "read-only workdir"):
+    if case == "workdir is a URL":
+        assert not os.path.exists(os.path.join(REPO, "gs:"))  # no local "gs:" folder either
+    elif case not in ("workdir is a file", "read-only workdir"):
         assert not workdir.exists()  # refused before anything was written
 
 
