@@ -118,6 +118,7 @@ def test_stack_first_replicas_to_host_stacks_steps_in_order():
 def test_device_augmentation_step_on_8_devices_equals_one_device(tiny_digits_config):
     """augment_on="device": the step augments the shipped uint8 batch itself; spread over 8
     devices it makes the update of 1 device, and its loss is the host-augmented step's."""
+    pytest.importorskip("tensorflow_datasets", reason="the digits batch needs the [data] extra")
     from hscl_jax import data
 
     def first_step(augment_on, num_devices):
