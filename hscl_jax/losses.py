@@ -870,17 +870,12 @@ def _anchor_terms(
     dense_log_mu = dense_pairs = None
     state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(dtype))
     if spec.hardening == "topk":
-        # Columns, padding included, bound every anchor's negatives from above (its own view is
-        # a column and never a negative): with top_k >= that, every negative is kept.
         n_columns = sum(
             t.z.shape[0] * t.z.shape[1] for t in (cols_tiles, queue_tiles) if t is not None
         )
-        if spec.top_k >= n_columns:
-            state0["neg_threshold"] = jnp.full((n_rows,), -jnp.inf, dtype)
-        else:
-            state0["neg_threshold"] = _topk_thresholds(
-                spec, hyper, rows, partner, over_tiles, dtype
-            )
+        state0["neg_threshold"] = _topk_thresholds(
+            spec, hyper, rows, partner, over_tiles, n_columns, dtype
+        )
     if block_size is None and spec.family == "tilted" and spec.hardening == "exp":
         dense_log_mu, dense_pairs, state = _dense_terms(
             spec, hyper, rows, partner, cols, queue, log_q
@@ -947,12 +942,18 @@ def _anchor_terms(
     return jnp.sum(anchor_sum), jnp.sum(anchor_count), aux_parts
 
 
-def _topk_thresholds(spec: _Spec, hyper: _Hyper, rows, partner, over_tiles, dtype) -> Array:
+def _topk_thresholds(
+    spec: _Spec, hyper: _Hyper, rows, partner, over_tiles, n_columns: int, dtype
+) -> Array:
     """Each anchor's k-th largest negative similarity (-inf with fewer than k negatives).
 
     One pass over the tiles before the loss, carrying each anchor's running k largest: memory
     (rows x k) on the blocked path. Constants for autodiff: the selection is piecewise constant.
+    ``n_columns`` (padding included) bounds every anchor's negatives from above, its own view
+    being a column and never a negative: with k >= n_columns no pass is needed.
     """
+    if spec.top_k >= n_columns:
+        return jnp.full((rows.z.shape[0],), -jnp.inf, dtype)
     rows = jax.tree.map(lax.stop_gradient, rows)
 
     def top_of_tile(top, col_tile: ContrastViews):

@@ -28,7 +28,7 @@ EMBEDDINGS_NPZ = "embeddings.npz"
 
 
 class WorkdirError(ValueError):
-    """A run directory that cannot be used: a regular file, or not writable."""
+    """A run directory that cannot be used: a URL, a regular file, or not writable."""
 
 
 class _EventFile:

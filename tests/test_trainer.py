@@ -504,6 +504,18 @@ def test_train_py_refuses_bad_input_in_one_line(case, tmp_path, request):
         assert not workdir.exists()  # refused before anything was written
 
 
+def _run_train_py_through(runner: str, flags: list[str], tmp_path):
+    """train.py with ``flags`` on one CPU device, run by the Python source ``runner``."""
+    return subprocess.run(
+        [sys.executable, "-c", runner, *flags],
+        cwd=REPO,
+        env=_subprocess_env(tmp_path, 1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 _WITHOUT_TENSORFLOW = """
 import runpy, sys
 # Make every TensorFlow import fail, as on a GPU host without TensorFlow installed.
@@ -532,14 +544,7 @@ def test_synthetic_config_trains_without_tensorflow(tmp_path):
         "--config.checkpoint_every_steps=2",
         "--config.knn.k=5",
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_TENSORFLOW, *flags],
-        cwd=REPO,
-        env=_subprocess_env(tmp_path, 1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_train_py_through(_WITHOUT_TENSORFLOW, flags, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in _read_metrics(workdir) if "loss" in r] == [1, 2]
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
@@ -572,14 +577,7 @@ def test_prepared_digits_with_device_augmentation_never_imports_tensorflow(tmp_p
         "--config.num_steps=2",
         "--config.eval_every_steps=2",
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", _REPORTING_TENSORFLOW, *flags],
-        cwd=REPO,
-        env=_subprocess_env(tmp_path, 1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_train_py_through(_REPORTING_TENSORFLOW, flags, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensorflow imported: False" in result.stdout, result.stdout[-3000:]
     # TensorBoard events and the kNN monitor were written all the same.
