@@ -64,16 +64,18 @@ if TYPE_CHECKING:
     from hscl_jax import theory as theory
     from hscl_jax import trainer as trainer
 
+else:
+    # Hidden from type checkers, which read the imports above: to them an unknown attribute is an
+    # error rather than a module.
+    def __getattr__(name: str) -> ModuleType:
+        """Imports the submodule ``name`` on first access; importing binds it on the package, so
+        this runs once per module."""
+        if name in _SUBMODULES:
+            return importlib.import_module(f"{__name__}.{name}")
+        modules = ", ".join(_SUBMODULES)
+        raise AttributeError(
+            f"module {__name__!r} has no attribute {name!r}; its modules are: {modules}"
+        )
 
-def __getattr__(name: str) -> ModuleType:
-    """Imports the submodule ``name`` on first access; importing binds it on the package, so this
-    runs once per module."""
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(
-        f"module {__name__!r} has no attribute {name!r}; its modules are: {', '.join(_SUBMODULES)}"
-    )
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+    def __dir__() -> list[str]:
+        return sorted(__all__)
