@@ -51,7 +51,8 @@ def test_momentum_queue_fills_and_the_loss_falls_below_the_collapsed_value():
     # 32 keys a step into 160 rows: full after five steps, never more.
     assert fills == [64, 128, 160, 160, 160, 160], out
     step_losses, _, after = _losses_and_accuracy(out)
-    assert step_losses[-1] < step_losses[0] < float(collapsed), step_losses
+    # A fresh network starts near the collapsed value; training moves away from it.
+    assert step_losses[-1] < min(step_losses[0], float(collapsed)) - 0.1, step_losses
     assert after > 0.5, out
 
 
