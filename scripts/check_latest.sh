@@ -21,8 +21,9 @@ fi
 VENV="${VENV:-$(mktemp -d)/venv}"
 NEWEST=(jax jaxlib flax optax chex orbax-checkpoint ml-collections numpy)
 # The tests that need only the core install: the losses, models, theory checks, optimisers, train
-# step (pmap over 1 and 8 devices, shard_map), metric files, evaluators and packaging; the few of
-# them that train on digits skip without TFDS.
+# step (pmap over 1 and 8 devices, shard_map), metric files, evaluators, packaging, the lazy
+# package import and the examples; the few of them that train on digits skip without TFDS or
+# scikit-learn.
 TESTS=(
   tests/test_losses.py
   tests/test_models.py
@@ -32,6 +33,8 @@ TESTS=(
   tests/test_metrics.py
   tests/test_evaluate.py
   tests/test_packaging.py
+  tests/test_docs_api.py
+  tests/test_examples.py
 )
 if [[ $# -gt 0 ]]; then TESTS=("$@"); fi
 
