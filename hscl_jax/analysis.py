@@ -257,7 +257,7 @@ def analyze_checkpoints(
         )
 
     if max_embeddings > 0:
-        eval_batch = min(int(config.knn.get("eval_batch_size", 512)), max_embeddings)
+        eval_batch = min(config.knn.eval_batch_size, max_embeddings)
         test_features, test_labels = _test_embeddings(
             config, model, variables, max_examples=max_embeddings, batch_size=eval_batch
         )
@@ -318,9 +318,21 @@ def _parser() -> argparse.ArgumentParser:
         "(theory_train.csv); auto: whichever exist",
     )
     parser.add_argument("--num_batches", type=int, default=4, help="training batches per point")
-    parser.add_argument("--batch_size", type=int, default=None, help="default: the run's")
-    parser.add_argument("--beta", type=float, default=None, help="default: config.loss.beta")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the run's")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="images per batch (default: the run's global batch)",
+    )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="beta of the theory metrics (default: the run's monitor beta)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="temperature (default: the run's)"
+    )
     parser.add_argument("--steps", type=_int_list, default=None, help="checkpoint steps (all)")
     parser.add_argument(
         "--betas",
@@ -328,7 +340,13 @@ def _parser() -> argparse.ArgumentParser:
         default=list(theory.DEFAULT_BETAS),
         help="beta sweep on the latest checkpoint, comma-separated ('' to skip)",
     )
-    parser.add_argument("--batch_norm", choices=("train", "eval"), default="train")
+    parser.add_argument(
+        "--batch_norm",
+        choices=("train", "eval"),
+        default="train",
+        help="BatchNorm of the embedding pass: train (the batch's statistics, as the loss saw "
+        "them) or eval (running averages)",
+    )
     parser.add_argument(
         "--max_embeddings", type=int, default=2048, help="test features to save (0: none)"
     )

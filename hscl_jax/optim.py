@@ -1,8 +1,5 @@
-"""Optimisers and learning-rate schedules, built from ``config.optim``.
-
-Layer 1: imports nothing from hscl_jax; imported by config.py (the allowed names), step.py and
-anything later.
-"""
+"""Optimisers and learning-rate schedules, built from ``config.optim``, and the check of that
+section (:func:`check_config`)."""
 
 from __future__ import annotations
 
@@ -11,6 +8,23 @@ import optax
 
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "lars")
 SCHEDULE_NAMES = ("constant", "warmup_cosine")
+
+
+def check_config(optim_config) -> None:
+    """``config.optim``: a known optimiser and schedule, a positive learning rate, a decay >= 0 and
+    whole warm-up steps >= 0; ValueError (one line naming the field) otherwise."""
+    for field, names in (("name", OPTIMIZER_NAMES), ("schedule", SCHEDULE_NAMES)):
+        if optim_config[field] not in names:
+            raise ValueError(
+                f"optim.{field}={optim_config[field]!r} is unknown; allowed: {', '.join(names)}"
+            )
+    if not optim_config.learning_rate > 0:
+        raise ValueError(f"optim.learning_rate={optim_config.learning_rate!r} must be > 0")
+    if not optim_config.weight_decay >= 0:
+        raise ValueError(f"optim.weight_decay={optim_config.weight_decay!r} must be >= 0")
+    warmup = optim_config.warmup_steps
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"optim.warmup_steps={warmup!r} must be an integer >= 0")
 
 
 def create_learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
