@@ -58,10 +58,12 @@ def main(argv):
         FloatingPointError,
         FileNotFoundError,
         checkpoints.DamagedCheckpointError,
-        locks.WorkdirInUseError,
+        checkpoints.CheckpointSaveError,
+        locks.WorkdirLockError,
     ) as error:
         # Bad config or workdir, non-finite training, dataset not prepared, no usable checkpoint,
-        # workdir in use by another run: the message says it all.
+        # a checkpoint that cannot be written (a full disk), workdir in use by another run or
+        # not lockable: the message says it all.
         sys.exit(f"error: {error}")
     except Exception:
         if jax.distributed.is_initialized():

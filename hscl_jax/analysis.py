@@ -213,7 +213,8 @@ def analyze_checkpoints(
     for step in steps:
         try:
             variables = checkpoints.restore_variables(workdir, step)
-        except checkpoints.DamagedCheckpointError as error:
+        except (checkpoints.DamagedCheckpointError, checkpoints.MissingCheckpointError) as error:
+            # Damaged, or deleted since it was listed (by a training run still going).
             print(f"warning: {error}: skipping it", file=sys.stderr)
             continue
         embedded = [

@@ -449,12 +449,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _hold_workdir(held: contextlib.ExitStack, run: Run) -> None:
     """Process 0 takes the workdir lock (locks.hold_workdir) for the rest of ``held``; every
-    process stops with WorkdirInUseError when it cannot."""
+    process stops with WorkdirLockError when it cannot."""
     error = None
     if run.is_chief:
         try:
             held.enter_context(locks.hold_workdir(run.workdir))
-        except locks.WorkdirInUseError as refused:
+        except locks.WorkdirLockError as refused:
             error = refused
     if not distributed.all_processes_agree(error is None):
         raise error or locks.WorkdirInUseError(

@@ -80,8 +80,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         saved = json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno} "
-            f"of {len(text.splitlines())} lines): the file is damaged or was cut short"
+            f"{path} is not valid JSON: {error.msg} (line {error.lineno} column {error.colno} of "
+            f"{len(text.splitlines())} lines); the file is damaged or was cut short (a training "
+            "run on this workdir writes it again when it starts)"
         ) from None
     if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
         raise ConfigError(f"{path} is not a run's config: it has no 'data' section")
