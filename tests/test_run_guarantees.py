@@ -274,9 +274,12 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resuming_is_exact(
     _assert_same_tree(_params(stopped, 10), _params(reference, 10))
 
 
-def _error_lines(result) -> list[str]:
-    """stderr without absl's INFO and WARNING log lines."""
-    return [line for line in result.stderr.splitlines() if not re.match(r"[IW]\d{4} ", line)]
+def _assert_refused_in_one_line(result, message: str) -> None:
+    """train.py exited with status 1 and ``error: <message>`` as its only line on stderr besides
+    absl's INFO and WARNING log lines."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if not re.match(r"[IW]\d{4} ", line)]
+    assert lines == [f"error: {message}"]
 
 
 @pytest.mark.slow
@@ -287,21 +290,19 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_resumes_exactly(
     reference, jax_cache = uninterrupted_run
     # A fresh workdir on a full disk: the lock file cannot be written.
     fresh = str(tmp_path / "fresh")
-    result = _train(jax_cache, fresh, disk_full_at=0)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert _error_lines(result) == [
-        f"error: cannot lock workdir {fresh}: writing {fresh}/run.lock failed ([Errno 27] File "
-        "too large); make room or use another --workdir"
-    ]
+    _assert_refused_in_one_line(
+        _train(jax_cache, fresh, disk_full_at=0),
+        f"cannot lock workdir {fresh}: writing {fresh}/run.lock failed ([Errno 27] File too "
+        "large); make room or use another --workdir",
+    )
     # The disk fills up before the step-8 checkpoint: the run stops there, keeping step 4's.
     workdir = str(tmp_path / "run")
-    result = _train(jax_cache, workdir, disk_full_at=8)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert _error_lines(result) == [
-        f"error: cannot save checkpoint step 8 in {workdir}/checkpoints ([Errno 27] File too "
-        "large); the last good checkpoint is step 4: make room and run the same command again "
-        "to resume from it"
-    ]
+    _assert_refused_in_one_line(
+        _train(jax_cache, workdir, disk_full_at=8),
+        f"cannot save checkpoint step 8 in {workdir}/checkpoints ([Errno 27] File too large); "
+        "the last good checkpoint is step 4: make room and run the same command again to resume "
+        "from it",
+    )
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
     result = _train(jax_cache, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -362,11 +363,10 @@ def test_analysis_skips_a_checkpoint_deleted_while_it_runs(finished_run, tmp_pat
 
 def test_a_run_the_data_refuses_writes_nothing(tmp_path):
     workdir = tmp_path / "run"
-    result = _train(tmp_path / "jax_cache", str(workdir), flags=["--config.global_batch_size=2000"])
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert _error_lines(result) == [
-        "error: config.data: global_batch_size 2000 exceeds the 1438 training examples."
-    ]
+    _assert_refused_in_one_line(
+        _train(tmp_path / "jax_cache", str(workdir), flags=["--config.global_batch_size=2000"]),
+        "config.data: global_batch_size 2000 exceeds the 1438 training examples.",
+    )
     assert not workdir.exists()
 
 
