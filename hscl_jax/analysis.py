@@ -8,9 +8,6 @@ training batches for every checkpoint of a run (DIR/theory.csv), turns train-tim
 found in DIR/metrics.jsonl into DIR/theory_train.csv, sweeps beta on the latest checkpoint
 (DIR/beta_sweep.csv), saves test-set encoder features (DIR/embeddings.npz) and draws the PNGs
 (hscl_jax.plot).
-
-Layer 4: imports losses, models, data (layer 0), theory, metrics, checkpoints (layer 1), config,
-features, plot (layer 2) and step (layer 3); imported by nothing in the package.
 """
 
 from __future__ import annotations

@@ -6,9 +6,6 @@ arrays only), the trainer's kNN monitor, and a finished run's evaluation.
 Weighted kNN monitor (the reference's per-epoch evaluation): every test example's class scores are
 the sum, over its k nearest training examples by cosine similarity of L2-normalised encoder
 features, of exp(similarity / temperature) credited to the neighbour's class.
-
-Layer 4: imports models, data (layer 0), checkpoints, metrics (layer 1), config, features
-(layer 2) and step (layer 3); imported by trainer.py and sweep.py.
 """
 
 from __future__ import annotations

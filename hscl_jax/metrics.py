@@ -32,9 +32,9 @@ class _EventFile:
     """A TensorBoard event file: tensorboard's record framing over a plain local file.
 
     tensorboard's own EventFileWriter opens its file through ``tensorboard.compat.tf``, which
-    imports the whole of TensorFlow whenever it is installed (10 s of every run's start here, and
-    TensorFlow on the device-augmentation path); a run directory is a local path, so a plain file
-    does. Raises ImportError when tensorboard is not installed.
+    imports the whole of TensorFlow whenever it is installed (seconds of every run's start, and
+    TensorFlow on a path that otherwise never needs it); a run directory is a local path, so a
+    plain file does. Raises ImportError when tensorboard is not installed.
     """
 
     def __init__(self, logdir: str):
