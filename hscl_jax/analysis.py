@@ -156,6 +156,19 @@ def _test_embeddings(config, model, variables, *, max_examples: int, batch_size:
     )
 
 
+def _steps_to_analyse(workdir: str, steps: Sequence[int] | None) -> list[int]:
+    """``steps`` (default: every checkpoint's), sorted; ValueError naming those not on disk."""
+    available = checkpoints.checkpoint_steps(workdir)
+    if not available:
+        raise ValueError(f"no checkpoints in {workdir}/checkpoints")
+    missing = sorted(set(steps or ()) - set(available))
+    if missing:
+        raise ValueError(
+            f"checkpoint steps {missing} not in {workdir}/checkpoints; have {available}"
+        )
+    return sorted(available if steps is None else steps)
+
+
 def analyze_checkpoints(
     workdir: str,
     *,
@@ -189,18 +202,7 @@ def analyze_checkpoints(
         settings["temperature"] if temperature is None else temperature
     )
     batch_size = config.global_batch_size if batch_size is None else batch_size
-    available = checkpoints.checkpoint_steps(workdir)
-    if not available:
-        raise ValueError(f"no checkpoints in {workdir}/checkpoints")
-    if steps is None:
-        steps = available
-    missing = sorted(set(steps) - set(available))
-    if missing:
-        raise ValueError(
-            f"checkpoint steps {missing} not in {workdir}/checkpoints; have {available}"
-        )
-    steps = sorted(steps)
-
+    steps = _steps_to_analyse(workdir, steps)
     model = models.model_from_config(config.model)
     embed = _make_embed(model, batch_norm)
     batches = _training_batches(config, batch_size=batch_size, num_batches=num_batches)
@@ -240,15 +242,9 @@ def analyze_checkpoints(
         )
     last_step = rows[-1]["step"]  # the newest checkpoint that restored: the sweep's and embeddings'
     if list(betas):
-        sweeps = [
-            theory.beta_sweep(z1, z2, y, betas, temperature=temperature) for z1, z2, y in embedded
-        ]
-        sweep_rows = []
-        for i, swept_beta in enumerate(sweeps[0]["beta"]):
-            row = {"beta": float(swept_beta)}
-            row.update({k: float(np.mean([s[k][i] for s in sweeps])) for k in SWEEP_KEYS[1:]})
+        sweep_rows = _beta_sweep_rows(embedded, betas, temperature)
+        for row in sweep_rows:
             row.update(step=last_step, temperature=temperature, num_batches=num_batches)
-            sweep_rows.append(row)
         columns = (*SWEEP_KEYS, "step", "temperature", "num_batches")
         written["beta_sweep"] = write_csv(
             os.path.join(workdir, metrics.BETA_SWEEP_CSV), sweep_rows, columns
@@ -263,6 +259,19 @@ def analyze_checkpoints(
         np.savez(path, features=test_features, labels=test_labels, step=last_step)
         written["embeddings"] = path
     return written
+
+
+def _beta_sweep_rows(embedded, betas: Sequence[float], temperature: float) -> list[dict]:
+    """One row per beta: the SWEEP_KEYS figures of theory.beta_sweep, means over the batches
+    ``embedded`` ((z1, z2, labels) each)."""
+    sweeps = [
+        theory.beta_sweep(z1, z2, y, betas, temperature=temperature) for z1, z2, y in embedded
+    ]
+    return [
+        {"beta": float(swept_beta)}
+        | {k: float(np.mean([s[k][i] for s in sweeps])) for k in SWEEP_KEYS[1:]}
+        for i, swept_beta in enumerate(sweeps[0]["beta"])
+    ]
 
 
 def analyze_metrics(workdir: str, *, beta=None, temperature=None) -> dict[str, str]:
