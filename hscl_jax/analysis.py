@@ -261,7 +261,9 @@ def analyze_checkpoints(
     return written
 
 
-def _beta_sweep_rows(embedded, betas: Sequence[float], temperature: float) -> list[dict]:
+def _beta_sweep_rows(
+    embedded: Sequence[tuple[Any, Any, Any]], betas: Sequence[float], temperature: float
+) -> list[dict]:
     """One row per beta: the SWEEP_KEYS figures of theory.beta_sweep, means over the batches
     ``embedded`` ((z1, z2, labels) each)."""
     sweeps = [

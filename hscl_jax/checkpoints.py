@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from absl import logging
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -41,7 +44,9 @@ class MissingCheckpointError(ValueError):
 _STATE_DEFINING = ("model", "optim")
 
 
-def checkpoint_manager(workdir: str, keep: int | None = None, *, create: bool = True):
+def checkpoint_manager(
+    workdir: str, keep: int | None = None, *, create: bool = True
+) -> ocp.CheckpointManager:
     """The orbax CheckpointManager of ``workdir/checkpoints`` keeping the last ``keep`` steps
     (None: all); ``create=False`` opens an existing run without creating the directory.
 
@@ -57,7 +62,9 @@ def checkpoint_manager(workdir: str, keep: int | None = None, *, create: bool = 
     )
 
 
-def save_checkpoint(manager, step: int, host_state: dict, meta: dict) -> None:
+def save_checkpoint(
+    manager: ocp.CheckpointManager, step: int, host_state: dict, meta: dict
+) -> None:
     """Saves ``host_state`` and ``meta`` as step ``step``; returns once they are on disk.
 
     A save that fails raises CheckpointSaveError (one line naming the directory and the cause) at
@@ -91,7 +98,7 @@ def save_checkpoint(manager, step: int, host_state: dict, meta: dict) -> None:
 def _cause(error: BaseException) -> str:
     """The operating system's error behind ``error`` (e.g. "[Errno 28] No space left on
     device"), else :func:`_reason`."""
-    seen = error
+    seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno is not None:
             return f"[Errno {seen.errno}] {seen.strerror}"
@@ -106,7 +113,7 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _plain_path(path) -> tuple:
+def _plain_path(path: Any) -> tuple:
     """A tree path with dict keys, sequence indices and attribute names alike (a namedtuple in
     the config's state is a dict or list once saved)."""
     return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
@@ -133,7 +140,7 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     return differences
 
 
-def _read_meta(manager, step: int) -> dict:
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     try:
@@ -145,7 +152,10 @@ def _read_meta(manager, step: int) -> dict:
 
 
 def restore_checkpoint(
-    manager, step: int, host_state_template: dict, config_json: dict | None = None
+    manager: ocp.CheckpointManager,
+    step: int,
+    host_state_template: dict,
+    config_json: dict | None = None,
 ) -> tuple[dict, dict]:
     """(state, meta) of step ``step``, restored into the structure of ``host_state_template``.
 
@@ -207,7 +217,7 @@ def restore_checkpoint(
 
 
 def restore_latest(
-    manager, host_state_template: dict, config_json: dict | None = None
+    manager: ocp.CheckpointManager, host_state_template: dict, config_json: dict | None = None
 ) -> tuple[int, dict, dict] | None:
     """(step, state, meta) of the newest checkpoint that restores (:func:`restore_checkpoint`),
     or None when there is no checkpoint.
@@ -231,7 +241,7 @@ def restore_latest(
     )
 
 
-def set_aside(manager, steps: list[int]) -> None:
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Renames the step directories ``steps`` to ``<step>.damaged`` (kept for inspection; orbax
     ignores them), so that those steps can be saved again."""
     for step in steps:

@@ -56,7 +56,7 @@ class _EventFile:
         self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         self.flush()
 
-    def add_event(self, event) -> None:
+    def add_event(self, event: Any) -> None:
         self._records.write(event.SerializeToString())
 
     def flush(self) -> None:
@@ -148,7 +148,6 @@ class MetricWriter:
     """
 
     def __init__(self, workdir: str, *, enabled: bool, resumed_at: int | None = None):
-        self._enabled = enabled
         self._jsonl = None
         self._events = None
         if not enabled:
@@ -180,7 +179,7 @@ class MetricWriter:
     def write(self, step: int, metrics: dict[str, float], *, tensorboard_prefix: str = "") -> None:
         """One metrics.jsonl record {"step", **metrics}; TensorBoard tags get
         ``tensorboard_prefix`` (keeps e.g. epoch means apart from the step values of a tag)."""
-        if not self._enabled:
+        if self._jsonl is None:  # not process 0
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")

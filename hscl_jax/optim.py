@@ -3,14 +3,19 @@ section (:func:`check_config`)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import optax
+
+if TYPE_CHECKING:
+    import ml_collections
 
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "lars")
 SCHEDULE_NAMES = ("constant", "warmup_cosine")
 
 
-def check_config(optim_config) -> None:
+def check_config(optim_config: ml_collections.ConfigDict) -> None:
     """``config.optim``: a known optimiser and schedule, a positive learning rate, a decay >= 0 and
     whole warm-up steps >= 0; ValueError (one line naming the field) otherwise."""
     for field, names in (("name", OPTIMIZER_NAMES), ("schedule", SCHEDULE_NAMES)):
@@ -27,7 +32,9 @@ def check_config(optim_config) -> None:
         raise ValueError(f"optim.warmup_steps={warmup!r} must be an integer >= 0")
 
 
-def create_learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+def create_learning_rate_schedule(
+    optim_config: ml_collections.ConfigDict, total_steps: int
+) -> optax.Schedule:
     """'constant' (after an optional linear warm-up) or 'warmup_cosine' to
     ``learning_rate * final_lr_fraction`` at ``total_steps``."""
     peak = float(optim_config.learning_rate)
@@ -47,13 +54,13 @@ def create_learning_rate_schedule(optim_config, total_steps: int) -> optax.Sched
     )
 
 
-def _kernels_only(params):
+def _kernels_only(params: Any) -> Any:
     """Mask selecting weight matrices/kernels (not biases or BatchNorm scales/offsets)."""
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def create_optimizer(
-    optim_config, total_steps: int
+    optim_config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax transformation and its learning-rate schedule.
 

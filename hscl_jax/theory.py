@@ -32,6 +32,7 @@ global figures.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,9 @@ import numpy as np
 from jax import lax
 
 from hscl_jax import losses
+
+if TYPE_CHECKING:
+    import ml_collections
 
 LOSS_KEYS = ("hscl", "hucl", "scl", "ucl")
 ASSUMPTION_KEYS = ("assumption_fraction", "assumption_log_ratio", "assumption_num_anchors")
@@ -53,7 +57,7 @@ DEFAULT_BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0)
 # ----------------------------------------------------------------------------- validation
 
 
-def check_config(theory_config) -> None:
+def check_config(theory_config: ml_collections.ConfigDict) -> None:
     """``config.theory``: ``enabled`` a bool, ``reference_size`` an integer >= 0, ``beta`` and
     ``temperature`` None (follow config.loss) or valid for the losses; ValueError (one line
     naming the field) otherwise."""

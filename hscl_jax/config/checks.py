@@ -4,10 +4,12 @@ what spans sections."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 
 from hscl_jax import data, losses, models, optim, theory
@@ -20,25 +22,25 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive_int(config, key: str, prefix: str = "config") -> None:
+def _positive_int(config: ml_collections.ConfigDict, key: str, prefix: str = "config") -> None:
     value = config[key]
     _require(_is_int(value) and value > 0, f"{prefix}.{key}={value!r} must be a positive integer")
 
 
-def _non_negative_int(config, key: str, prefix: str = "config") -> None:
+def _non_negative_int(config: ml_collections.ConfigDict, key: str, prefix: str = "config") -> None:
     value = config[key]
     _require(_is_int(value) and value >= 0, f"{prefix}.{key}={value!r} must be an integer >= 0")
 
 
-def _allowed(value, names, field: str) -> None:
+def _allowed(value: object, names: Sequence[str], field: str) -> None:
     _require(value in names, f"{field}={value!r} is unknown; allowed: {', '.join(names)}")
 
 
-def check_run(config) -> None:
+def check_run(config: ml_collections.ConfigDict) -> None:
     """Top-level fields: batch size, training length, logging/checkpoint intervals, seed."""
     for key in (
         "global_batch_size",
@@ -59,7 +61,7 @@ def check_run(config) -> None:
     )
 
 
-def check_loss(loss_config) -> None:
+def check_loss(loss_config: ml_collections.ConfigDict) -> None:
     """config.loss (ValueError, one line): the loss validates its own options; it runs once on a
     toy batch so that a bad option surfaces now rather than at the first step. Warns above the
     float32 beta limit (:func:`warn_above_float32_beta_limit`)."""
@@ -74,7 +76,7 @@ def check_loss(loss_config) -> None:
     warn_above_float32_beta_limit(loss_config)
 
 
-def warn_above_float32_beta_limit(loss_config) -> bool:
+def warn_above_float32_beta_limit(loss_config: ml_collections.ConfigDict) -> bool:
     """Logs a warning (and returns True) when the loss's beta exceeds the largest beta at which
     its float32 gradients were measured within FLOAT32_GRADIENT_TOLERANCE of float64
     (losses.float32_beta_limit); the run still trains: typical batches stay far more accurate."""
@@ -100,7 +102,7 @@ def warn_above_float32_beta_limit(loss_config) -> bool:
     return True
 
 
-def check_knn(knn_config) -> None:
+def check_knn(knn_config: ml_collections.ConfigDict) -> None:
     """config.knn: the kNN monitor's k, temperature and batch sizes."""
     _positive_int(knn_config, "k", "config.knn")
     _require(
@@ -111,7 +113,7 @@ def check_knn(knn_config) -> None:
     _positive_int(knn_config, "test_chunk_size", "config.knn")
 
 
-def check_queue(queue_config) -> None:
+def check_queue(queue_config: ml_collections.ConfigDict) -> None:
     """config.queue: size, momentum, as_positives, q."""
     _non_negative_int(queue_config, "size", "config.queue")
     momentum = queue_config.momentum
@@ -126,7 +128,7 @@ def check_queue(queue_config) -> None:
     _allowed(queue_config.q, losses.QUEUE_Q_MODES, "config.queue.q")
 
 
-def check_across_sections(config) -> None:
+def check_across_sections(config: ml_collections.ConfigDict) -> None:
     """What no single section decides: both global batches split evenly over the devices, every
     anchor can have a negative, queue positives have labels, a remote data_dir resolves."""
     total_devices = jax.process_count() * num_devices_for(config)
@@ -149,7 +151,7 @@ def check_across_sections(config) -> None:
     check_data_dir_reachable(config.data)
 
 
-def check_batch_has_negatives(config) -> None:
+def check_batch_has_negatives(config: ml_collections.ConfigDict) -> None:
     """Refuses a batch in which no anchor can have a negative for the chosen loss: every loss
     contrasts an anchor with other images' views (supervised ones: of other classes only), so a
     batch needs >= 2 images, and a supervised loss a dataset of >= 2 classes."""
@@ -174,7 +176,9 @@ def check_batch_has_negatives(config) -> None:
 _REMOTE_HOSTS = {"gs": "storage.googleapis.com", "s3": "s3.amazonaws.com"}
 
 
-def check_data_dir_reachable(data_config, timeout_s: float = 5.0) -> None:
+def check_data_dir_reachable(
+    data_config: ml_collections.ConfigDict, timeout_s: float = 5.0
+) -> None:
     """A remote config.data.data_dir (gs://, s3://, http(s)://...) must have a host that resolves:
     without a network, TFDS would retry for minutes and end in a long traceback. A local
     directory is left to the data pipeline (its own message says how to prepare the dataset)."""
@@ -201,7 +205,7 @@ def check_data_dir_reachable(data_config, timeout_s: float = 5.0) -> None:
         pool.shutdown(wait=False)
 
 
-def _check_section(section: str, check: Callable[..., object], *args) -> None:
+def _check_section(section: str, check: Callable[..., object], *args: Any) -> None:
     """Runs the check that the consumer of ``config.<section>`` owns; its ValueError (one line)
     becomes a ConfigError naming the section."""
     try:
@@ -215,7 +219,7 @@ def _check_section(section: str, check: Callable[..., object], *args) -> None:
         raise ConfigError(f"config.{section}: {message}") from None
 
 
-def validate_config(config) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every value the run depends on; raises ConfigError (a ValueError) with one line.
 
     One call per section: the check of the module that consumes it where that module owns one

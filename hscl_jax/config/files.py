@@ -19,12 +19,14 @@ def config_from_file(path: str) -> ml_collections.ConfigDict:
     """``get_config()`` of a config file such as configs/default.py."""
     name = "hscl_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
 
 
-def check_field_path(config, dotted: str) -> None:
+def check_field_path(config: ml_collections.ConfigDict, dotted: str) -> None:
     """ConfigError naming the first part of ``dotted`` (e.g. "model.widht", from a command-line
     override ``--config.model.widht=8``) that ``config`` does not have, and the fields it has."""
     node, prefix = config, "config"
@@ -38,7 +40,7 @@ def check_field_path(config, dotted: str) -> None:
         node, prefix = node[part], f"{prefix}.{part}"
 
 
-def to_json_ready(config) -> dict:
+def to_json_ready(config: ml_collections.ConfigDict | dict) -> dict:
     """``config`` as a dict that JSON can hold (tuples become lists, other objects strings)."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else config
     return json.loads(json.dumps(as_dict, default=str))

@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import ml_collections
 
 from hscl_jax import data, losses
 from hscl_jax.config.schema import ConfigError
 
 
-def loss_options(loss_config) -> dict[str, Any]:
+def loss_options(loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The options of ``loss_config`` that loss ``loss_config.name`` takes (others are ignored:
     the config carries every loss's options so baselines are one ``--config.loss.name`` away).
     ``None`` values (unset placeholders) are left to the loss's default. The one place that
@@ -25,7 +26,7 @@ def loss_options(loss_config) -> dict[str, Any]:
     return options
 
 
-def theory_hyperparameters(config) -> dict[str, float]:
+def theory_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
     """``{"beta", "temperature"}`` the theory checks use for ``config``, whether or not the
     train-time monitor is on (hscl_jax.analysis uses them on a finished run); unset values follow
     the loss (beta 1.0 for a loss that takes none)."""
@@ -38,7 +39,7 @@ def theory_hyperparameters(config) -> dict[str, float]:
     return {"beta": float(beta), "temperature": float(temperature)}
 
 
-def theory_monitor_options(config) -> dict[str, float] | None:
+def theory_monitor_options(config: ml_collections.ConfigDict) -> dict[str, float] | None:
     """The train-time theory monitor's keyword arguments (:func:`theory_hyperparameters`) when
     config.theory.enabled, else None: the monitor is off and the step is compiled without it."""
     return theory_hyperparameters(config) if config.theory.enabled else None
@@ -49,7 +50,7 @@ def theory_monitor_options(config) -> dict[str, float] | None:
 QUEUE_LOSS_OPTIONS = {"as_positives": "queue_as_positives", "q": "queue_q"}
 
 
-def queue_options(config) -> dict[str, Any] | None:
+def queue_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """None when the queue is off (config.queue.size == 0), else ``{"size", "momentum",
     "loss_kwargs"}``: the step's queue size and EMA rate and the loss's queue keyword arguments."""
     queue = config.queue
@@ -60,13 +61,13 @@ def queue_options(config) -> dict[str, Any] | None:
     return {"size": int(queue.size), "momentum": float(queue.momentum), "loss_kwargs": loss_kwargs}
 
 
-def reference_size_for(config) -> int:
+def reference_size_for(config: ml_collections.ConfigDict) -> int:
     """Training examples in the theory monitor's fixed reference set; 0 when the monitor or the
     reference view is off."""
     return int(config.theory.reference_size) if config.theory.enabled else 0
 
 
-def num_devices_for(config) -> int:
+def num_devices_for(config: ml_collections.ConfigDict) -> int:
     """Local devices this process trains on: config.num_devices, or all local devices."""
     available = jax.local_device_count()
     requested = config.num_devices
@@ -83,7 +84,7 @@ def num_devices_for(config) -> int:
     return requested
 
 
-def total_steps_for(config) -> int:
+def total_steps_for(config: ml_collections.ConfigDict) -> int:
     """config.num_steps if set, else num_epochs x steps per epoch of the training split."""
     if config.num_steps > 0:
         return config.num_steps

@@ -283,7 +283,7 @@ def field_help(config: ml_collections.ConfigDict) -> dict[str, str]:
     return helps
 
 
-def _leaf_paths(config, prefix: str = "") -> list[str]:
+def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     paths = []
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
