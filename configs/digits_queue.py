@@ -16,7 +16,7 @@ configs/default.py (small CNN, H-SCL beta 1, t 0.5, global batch 128, 300 steps)
 Measured on this project's 2-core CPU VM (shared with a running sweep and other jobs; jax 0.10.2,
 one CPU device), the command above: 8 min 45 s wall (~1 step/s under that load), knn_top1 0.9610
 at step 100, 0.9777 at step 200, 0.9638 at step 300 (configs/default.py without the queue:
-0.9694, -, 0.9777). The reference view of the same run: docs/RESULTS.md, section 4.
+0.9694, -, 0.9777). The reference view of the same run: docs/results.md, section 4.
 """
 
 import os

@@ -20,7 +20,7 @@ DATA_DIR/downloads/manual/, run `tfds build imagenet2012 --data_dir=DATA_DIR
         --config.data.data_dir=DATA_DIR --config.data.decode_workers=16
 
 (a missing dataset stops the run at once with those steps). Every process of a multi-host job
-reads only its slice of each global batch; see the README's multi-host section.
+reads only its slice of each global batch; see docs/multi-host.md.
 
 Hardware: a TPU pod slice or a multi-GPU, multi-host job (4096 images x 2 views of 224 px per
 step). Throughput and accuracy: NOT run in this project (no accelerator host with ImageNet was

@@ -1,4 +1,4 @@
-"""The queue and hardening study on the embedded digits dataset (issue #14, part 3).
+"""The queue and hardening study on the embedded digits dataset.
 
     python -m hscl_jax.sweep --config=configs/study_queue.py --workdir=/tmp/hscl_study_queue
 
@@ -16,7 +16,7 @@ That is 40 runs: the "exp" cell is shared.
 
 The momentum encoder's EMA rate is 0.9, not MoCo's 0.999: its time constant (10 steps) must be
 short against a 100-step run, or the keys would come from a model close to the initial one. Chosen
-once, before any run. Results and wall times: docs/RESULTS.md.
+once, before any run. Results and wall times: docs/results.md.
 """
 
 import os

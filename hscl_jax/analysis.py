@@ -8,9 +8,6 @@ training batches for every checkpoint of a run (DIR/theory.csv), turns train-tim
 found in DIR/metrics.jsonl into DIR/theory_train.csv, sweeps beta on the latest checkpoint
 (DIR/beta_sweep.csv), saves test-set encoder features (DIR/embeddings.npz) and draws the PNGs
 (hscl_jax.plot).
-
-Layer 4: imports losses, models, data (layer 0), theory, metrics, checkpoints (layer 1), config,
-features, plot (layer 2) and step (layer 3); imported by nothing in the package.
 """
 
 from __future__ import annotations
@@ -159,6 +156,19 @@ def _test_embeddings(config, model, variables, *, max_examples: int, batch_size:
     )
 
 
+def _steps_to_analyse(workdir: str, steps: Sequence[int] | None) -> list[int]:
+    """``steps`` (default: every checkpoint's), sorted; ValueError naming those not on disk."""
+    available = checkpoints.checkpoint_steps(workdir)
+    if not available:
+        raise ValueError(f"no checkpoints in {workdir}/checkpoints")
+    missing = sorted(set(steps or ()) - set(available))
+    if missing:
+        raise ValueError(
+            f"checkpoint steps {missing} not in {workdir}/checkpoints; have {available}"
+        )
+    return sorted(available if steps is None else steps)
+
+
 def analyze_checkpoints(
     workdir: str,
     *,
@@ -192,18 +202,7 @@ def analyze_checkpoints(
         settings["temperature"] if temperature is None else temperature
     )
     batch_size = config.global_batch_size if batch_size is None else batch_size
-    available = checkpoints.checkpoint_steps(workdir)
-    if not available:
-        raise ValueError(f"no checkpoints in {workdir}/checkpoints")
-    if steps is None:
-        steps = available
-    missing = sorted(set(steps) - set(available))
-    if missing:
-        raise ValueError(
-            f"checkpoint steps {missing} not in {workdir}/checkpoints; have {available}"
-        )
-    steps = sorted(steps)
-
+    steps = _steps_to_analyse(workdir, steps)
     model = models.model_from_config(config.model)
     embed = _make_embed(model, batch_norm)
     batches = _training_batches(config, batch_size=batch_size, num_batches=num_batches)
@@ -213,7 +212,8 @@ def analyze_checkpoints(
     for step in steps:
         try:
             variables = checkpoints.restore_variables(workdir, step)
-        except checkpoints.DamagedCheckpointError as error:
+        except (checkpoints.DamagedCheckpointError, checkpoints.MissingCheckpointError) as error:
+            # Damaged, or deleted since it was listed (by a training run still going).
             print(f"warning: {error}: skipping it", file=sys.stderr)
             continue
         embedded = [
@@ -242,22 +242,16 @@ def analyze_checkpoints(
         )
     last_step = rows[-1]["step"]  # the newest checkpoint that restored: the sweep's and embeddings'
     if list(betas):
-        sweeps = [
-            theory.beta_sweep(z1, z2, y, betas, temperature=temperature) for z1, z2, y in embedded
-        ]
-        sweep_rows = []
-        for i, swept_beta in enumerate(sweeps[0]["beta"]):
-            row = {"beta": float(swept_beta)}
-            row.update({k: float(np.mean([s[k][i] for s in sweeps])) for k in SWEEP_KEYS[1:]})
+        sweep_rows = _beta_sweep_rows(embedded, betas, temperature)
+        for row in sweep_rows:
             row.update(step=last_step, temperature=temperature, num_batches=num_batches)
-            sweep_rows.append(row)
         columns = (*SWEEP_KEYS, "step", "temperature", "num_batches")
         written["beta_sweep"] = write_csv(
             os.path.join(workdir, metrics.BETA_SWEEP_CSV), sweep_rows, columns
         )
 
     if max_embeddings > 0:
-        eval_batch = min(int(config.knn.get("eval_batch_size", 512)), max_embeddings)
+        eval_batch = min(config.knn.eval_batch_size, max_embeddings)
         test_features, test_labels = _test_embeddings(
             config, model, variables, max_examples=max_embeddings, batch_size=eval_batch
         )
@@ -265,6 +259,21 @@ def analyze_checkpoints(
         np.savez(path, features=test_features, labels=test_labels, step=last_step)
         written["embeddings"] = path
     return written
+
+
+def _beta_sweep_rows(
+    embedded: Sequence[tuple[Any, Any, Any]], betas: Sequence[float], temperature: float
+) -> list[dict]:
+    """One row per beta: the SWEEP_KEYS figures of theory.beta_sweep, means over the batches
+    ``embedded`` ((z1, z2, labels) each)."""
+    sweeps = [
+        theory.beta_sweep(z1, z2, y, betas, temperature=temperature) for z1, z2, y in embedded
+    ]
+    return [
+        {"beta": float(swept_beta)}
+        | {k: float(np.mean([s[k][i] for s in sweeps])) for k in SWEEP_KEYS[1:]}
+        for i, swept_beta in enumerate(sweeps[0]["beta"])
+    ]
 
 
 def analyze_metrics(workdir: str, *, beta=None, temperature=None) -> dict[str, str]:
@@ -318,9 +327,21 @@ def _parser() -> argparse.ArgumentParser:
         "(theory_train.csv); auto: whichever exist",
     )
     parser.add_argument("--num_batches", type=int, default=4, help="training batches per point")
-    parser.add_argument("--batch_size", type=int, default=None, help="default: the run's")
-    parser.add_argument("--beta", type=float, default=None, help="default: config.loss.beta")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the run's")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="images per batch (default: the run's global batch)",
+    )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="beta of the theory metrics (default: the run's monitor beta)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="temperature (default: the run's)"
+    )
     parser.add_argument("--steps", type=_int_list, default=None, help="checkpoint steps (all)")
     parser.add_argument(
         "--betas",
@@ -328,7 +349,13 @@ def _parser() -> argparse.ArgumentParser:
         default=list(theory.DEFAULT_BETAS),
         help="beta sweep on the latest checkpoint, comma-separated ('' to skip)",
     )
-    parser.add_argument("--batch_norm", choices=("train", "eval"), default="train")
+    parser.add_argument(
+        "--batch_norm",
+        choices=("train", "eval"),
+        default="train",
+        help="BatchNorm of the embedding pass: train (the batch's statistics, as the loss saw "
+        "them) or eval (running averages)",
+    )
     parser.add_argument(
         "--max_embeddings", type=int, default=2048, help="test features to save (0: none)"
     )

@@ -5,18 +5,20 @@ variables of one step.
 A checkpoint is an orbax Composite of ``state`` (the train state as a dict of host arrays:
 ``step``, ``params``, ``batch_stats``, ``opt_state``) and ``meta`` (JSON: ``step`` and the run's
 ``config``).
-
-Layer 1: imports nothing from hscl_jax; imported by evaluate.py, analysis.py and trainer.py.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from absl import logging
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -29,32 +31,79 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint that cannot be read back (truncated or missing files, an emptied step)."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a quota, a read-only file system)."""
+
+
+class MissingCheckpointError(ValueError):
+    """No checkpoint of the step asked for: never saved, or deleted since it was listed (a
+    training run's retention deletes its oldest checkpoint after each save)."""
+
+
 # Config entries whose change alters the train state's structure; named when a resume mismatches.
 _STATE_DEFINING = ("model", "optim")
 
 
-def checkpoint_manager(workdir: str, keep: int | None = None, *, create: bool = True):
+def checkpoint_manager(
+    workdir: str, keep: int | None = None, *, create: bool = True
+) -> ocp.CheckpointManager:
     """The orbax CheckpointManager of ``workdir/checkpoints`` keeping the last ``keep`` steps
-    (None: all); ``create=False`` opens an existing run without creating the directory."""
+    (None: all); ``create=False`` opens an existing run without creating the directory.
+
+    Saves are synchronous: a save that fails fails in the call that asked for it (an
+    asynchronous one would surface at the next save, as a traceback of orbax's threads)."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=False
+    )
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR)), options=options
     )
 
 
-def save_checkpoint(manager, step: int, host_state: dict, meta: dict) -> None:
-    """Starts saving ``host_state`` and ``meta`` as step ``step`` (orbax finishes asynchronously:
-    ``manager.wait_until_finished()`` before reading it back)."""
+def save_checkpoint(
+    manager: ocp.CheckpointManager, step: int, host_state: dict, meta: dict
+) -> None:
+    """Saves ``host_state`` and ``meta`` as step ``step``; returns once they are on disk.
+
+    A save that fails raises CheckpointSaveError (one line naming the directory and the cause) at
+    the step it was due, instead of orbax's traceback one save later. The checkpoints saved before
+    stay as they were: orbax writes a step into a temporary directory, renamed once complete,
+    and deletes old steps only after a save succeeds; the unfinished one is removed here.
+    """
     import orbax.checkpoint as ocp
 
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)
-        ),
-    )
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+    except Exception as error:  # noqa: BLE001 - any failure to write it is reported alike
+        directory = str(manager.directory)
+        for name in os.listdir(directory):
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        manager.reload()
+        kept = manager.latest_step()
+        raise CheckpointSaveError(
+            f"cannot save checkpoint step {step} in {directory} ({_cause(error)}); the last "
+            f"good checkpoint is {'none' if kept is None else f'step {kept}'}: make room and run "
+            "the same command again to resume from it"
+        ) from None
+
+
+def _cause(error: BaseException) -> str:
+    """The operating system's error behind ``error`` (e.g. "[Errno 28] No space left on
+    device"), else :func:`_reason`."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return f"[Errno {seen.errno}] {seen.strerror}"
+        seen = seen.__cause__ or seen.__context__
+    return _reason(error)
 
 
 def _reason(error: BaseException) -> str:
@@ -64,7 +113,7 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _plain_path(path) -> tuple:
+def _plain_path(path: Any) -> tuple:
     """A tree path with dict keys, sequence indices and attribute names alike (a namedtuple in
     the config's state is a dict or list once saved)."""
     return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
@@ -91,7 +140,7 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     return differences
 
 
-def _read_meta(manager, step: int) -> dict:
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     try:
@@ -103,7 +152,10 @@ def _read_meta(manager, step: int) -> dict:
 
 
 def restore_checkpoint(
-    manager, step: int, host_state_template: dict, config_json: dict | None = None
+    manager: ocp.CheckpointManager,
+    step: int,
+    host_state_template: dict,
+    config_json: dict | None = None,
 ) -> tuple[dict, dict]:
     """(state, meta) of step ``step``, restored into the structure of ``host_state_template``.
 
@@ -165,7 +217,7 @@ def restore_checkpoint(
 
 
 def restore_latest(
-    manager, host_state_template: dict, config_json: dict | None = None
+    manager: ocp.CheckpointManager, host_state_template: dict, config_json: dict | None = None
 ) -> tuple[int, dict, dict] | None:
     """(step, state, meta) of the newest checkpoint that restores (:func:`restore_checkpoint`),
     or None when there is no checkpoint.
@@ -189,7 +241,7 @@ def restore_latest(
     )
 
 
-def set_aside(manager, steps: list[int]) -> None:
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Renames the step directories ``steps`` to ``<step>.damaged`` (kept for inspection; orbax
     ignores them), so that those steps can be saved again."""
     for step in steps:
@@ -227,7 +279,9 @@ def restore_variables_and_step(workdir: str, step: int | None = None) -> tuple[i
         if not steps:
             raise ValueError(f"no complete checkpoint in {workdir}/checkpoints")
         if step is not None and step not in steps:
-            raise ValueError(f"no checkpoint of step {step} in {workdir}/checkpoints; have {steps}")
+            raise MissingCheckpointError(
+                f"no checkpoint of step {step} in {workdir}/checkpoints; have {steps}"
+            )
         for candidate in [step] if step is not None else steps[::-1]:
             try:
                 restored = manager.restore(
@@ -236,6 +290,15 @@ def restore_variables_and_step(workdir: str, step: int | None = None) -> tuple[i
                 state = jax.device_get(restored["state"])
                 variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
             except Exception as error:  # noqa: BLE001 - any failure to read it back is damage
+                if not os.path.isdir(os.path.join(str(manager.directory), str(candidate))):
+                    gone = MissingCheckpointError(
+                        f"checkpoint step {candidate} in {workdir}/checkpoints was deleted while "
+                        "it was read (a training run's retention?)"
+                    )
+                    if step is not None:
+                        raise gone from None
+                    logging.warning("%s: skipping it", gone)
+                    continue
                 damaged = DamagedCheckpointError(
                     f"checkpoint step {candidate} in {workdir}/checkpoints cannot be restored "
                     f"({_reason(error)})"

@@ -6,9 +6,6 @@ arrays only), the trainer's kNN monitor, and a finished run's evaluation.
 Weighted kNN monitor (the reference's per-epoch evaluation): every test example's class scores are
 the sum, over its k nearest training examples by cosine similarity of L2-normalised encoder
 features, of exp(similarity / temperature) credited to the neighbour's class.
-
-Layer 4: imports models, data (layer 0), checkpoints, metrics (layer 1), config, features
-(layer 2) and step (layer 3); imported by trainer.py and sweep.py.
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -388,18 +386,33 @@ def evaluate_workdir(
     return results
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hscl_jax.evaluate",
         description="Evaluate a training run's encoder: weighted kNN, linear and ridge probes.",
     )
-    parser.add_argument("--workdir", required=True, help="the run's --workdir")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
-    parser.add_argument("--linear_epochs", type=int, default=100)
-    parser.add_argument("--linear_batch_size", type=int, default=512)
-    parser.add_argument("--linear_learning_rate", type=float, default=1e-3)
-    parser.add_argument("--ridge_l2", type=float, default=1e-3)
-    args = parser.parse_args(argv)
+    parser.add_argument("--workdir", required=True, help="the run directory (train.py --workdir)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step to evaluate (default: the latest)"
+    )
+    parser.add_argument(
+        "--linear_epochs", type=int, default=100, help="epochs of the linear probe (Adam)"
+    )
+    parser.add_argument(
+        "--linear_batch_size", type=int, default=512, help="minibatch size of the linear probe"
+    )
+    parser.add_argument(
+        "--linear_learning_rate", type=float, default=1e-3, help="Adam's learning rate"
+    )
+    parser.add_argument(
+        "--ridge_l2", type=float, default=1e-3, help="L2 penalty of the closed-form ridge probe"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
     try:
         results = evaluate_workdir(
             args.workdir,

@@ -228,14 +228,16 @@ def run(
     return exit_status(first_failure.popen.returncode)
 
 
-def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hscl_jax.launch",
         description="Run a multi-process JAX job as processes on this machine (CPU devices).",
         usage="%(prog)s [options] -- script.py [args]  (or -- -m module [args])",
     )
-    parser.add_argument("--num_processes", type=int, default=2)
-    parser.add_argument("--devices_per_process", type=int, default=1)
+    parser.add_argument("--num_processes", type=int, default=2, help="processes of the job")
+    parser.add_argument(
+        "--devices_per_process", type=int, default=1, help="fake CPU devices of each process"
+    )
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     parser.add_argument(
         "--grace_seconds",
@@ -249,11 +251,17 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
         default=10,
         help="seconds of silence after which JAX declares a process dead",
     )
+    return parser
+
+
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """The launcher's options and the command after ``--``; one-line errors (exit status 2)."""
+    parser = _parser()
     argv = list(argv)
-    if "--" not in argv:
+    split = argv.index("--") if "--" in argv else len(argv)
+    arguments = parser.parse_args(argv[:split])  # --help prints the help and exits 0 here
+    if split == len(argv):
         parser.error("give the command after '--', e.g. -- train.py --config=... --workdir=...")
-    split = argv.index("--")
-    arguments = parser.parse_args(argv[:split])
     arguments.command = argv[split + 1 :]
     if not arguments.command:
         parser.error("nothing to run after '--'")

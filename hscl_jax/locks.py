@@ -20,7 +20,12 @@ from collections.abc import Iterator
 WORKDIR_LOCK_NAME = "run.lock"
 
 
-class WorkdirInUseError(RuntimeError):
+class WorkdirLockError(RuntimeError):
+    """The workdir's lock cannot be taken: its file cannot be written (a full disk, a read-only
+    file system), or another run holds it (:class:`WorkdirInUseError`)."""
+
+
+class WorkdirInUseError(WorkdirLockError):
     """Another live run holds the workdir's lock."""
 
 
@@ -49,15 +54,19 @@ def hold_workdir(workdir: str) -> Iterator[str | None]:
     (None for a non-local workdir, which is not locked).
 
     Raises WorkdirInUseError at once, naming the holder (pid, host, start time), when another
-    live process holds it. Creates ``workdir`` if needed.
+    live process holds it, and WorkdirLockError (one line naming the file and the cause) when the
+    lock file cannot be written. Creates ``workdir`` if needed.
     """
     if not _is_local(workdir):
         yield None
         return
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, WORKDIR_LOCK_NAME)
-    # Opened without truncation: the holder's description must survive a failed attempt.
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        # Opened without truncation: the holder's description must survive a failed attempt.
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise WorkdirLockError(f"cannot lock workdir {workdir}: {path}: {error.strerror}") from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,9 +75,15 @@ def hold_workdir(workdir: str) -> Iterator[str | None]:
                 f"workdir {workdir} is in use by another run ({_describe(path)}); wait for it "
                 "to end or use another --workdir"
             ) from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, json.dumps(_holder_description()).encode())
-        os.fsync(descriptor)
+        try:
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, json.dumps(_holder_description()).encode())
+            os.fsync(descriptor)
+        except OSError as error:
+            raise WorkdirLockError(
+                f"cannot lock workdir {workdir}: writing {path} failed ([Errno {error.errno}] "
+                f"{error.strerror}); make room or use another --workdir"
+            ) from None
         yield path
     finally:
         # Closing the descriptor releases the lock.

@@ -1,8 +1,5 @@
 """What a run writes beside its checkpoints: the file names of a run directory, the metric writer
 (metrics.jsonl + TensorBoard events), the one metrics.jsonl reader and the one atomic JSON writer.
-
-Layer 1: imports nothing from hscl_jax; imported by config.py, plot.py, evaluate.py, analysis.py,
-trainer.py and sweep.py.
 """
 
 from __future__ import annotations
@@ -35,9 +32,9 @@ class _EventFile:
     """A TensorBoard event file: tensorboard's record framing over a plain local file.
 
     tensorboard's own EventFileWriter opens its file through ``tensorboard.compat.tf``, which
-    imports the whole of TensorFlow whenever it is installed (10 s of every run's start here, and
-    TensorFlow on the device-augmentation path); a run directory is a local path, so a plain file
-    does. Raises ImportError when tensorboard is not installed.
+    imports the whole of TensorFlow whenever it is installed (seconds of every run's start, and
+    TensorFlow on a path that otherwise never needs it); a run directory is a local path, so a
+    plain file does. Raises ImportError when tensorboard is not installed.
     """
 
     def __init__(self, logdir: str):
@@ -59,7 +56,7 @@ class _EventFile:
         self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         self.flush()
 
-    def add_event(self, event) -> None:
+    def add_event(self, event: Any) -> None:
         self._records.write(event.SerializeToString())
 
     def flush(self) -> None:
@@ -142,34 +139,39 @@ def drop_records_after(path: str, step: int) -> None:
 class MetricWriter:
     """metrics.jsonl + TensorBoard event files in ``workdir``; a no-op on processes other than 0.
 
+    A run that starts at step ``resumed_at`` (None: from scratch, step 0) in a workdir an earlier
+    run logged to drops that run's records of later steps, which it logs again: a run killed
+    before its first checkpoint and started again leaves no duplicates.
+
     TensorBoard events are written with tensorboard's record framing over a plain file, never
     importing TensorFlow; when the tensorboard package is missing, only metrics.jsonl is written.
     """
 
     def __init__(self, workdir: str, *, enabled: bool, resumed_at: int | None = None):
-        self._enabled = enabled
         self._jsonl = None
         self._events = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, METRICS_JSONL)
-        if resumed_at is not None and os.path.exists(path):
-            drop_records_after(path, resumed_at)
+        start = resumed_at or 0
+        restarted = os.path.exists(path)
+        if restarted:
+            drop_records_after(path, start)
         self._jsonl = open(path, "a")  # noqa: SIM115
         try:
             self._events = _EventFile(os.path.join(workdir, TENSORBOARD_DIR))
         except ImportError:
             logging.warning("tensorboard is not installed: no TensorBoard event files")
         else:
-            if resumed_at is not None:
+            if restarted:
                 from tensorboard.compat.proto import event_pb2
 
                 # A restart marker: TensorBoard drops the earlier run's events after this step.
                 self._events.add_event(
                     event_pb2.Event(
                         wall_time=time.time(),
-                        step=resumed_at,
+                        step=start,
                         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
                     )
                 )
@@ -177,7 +179,7 @@ class MetricWriter:
     def write(self, step: int, metrics: dict[str, float], *, tensorboard_prefix: str = "") -> None:
         """One metrics.jsonl record {"step", **metrics}; TensorBoard tags get
         ``tensorboard_prefix`` (keeps e.g. epoch means apart from the step values of a tag)."""
-        if not self._enabled:
+        if self._jsonl is None:  # not process 0
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")

@@ -1,19 +1,40 @@
-"""Optimisers and learning-rate schedules, built from ``config.optim``.
-
-Layer 1: imports nothing from hscl_jax; imported by config.py (the allowed names), step.py and
-anything later.
-"""
+"""Optimisers and learning-rate schedules, built from ``config.optim``, and the check of that
+section (:func:`check_config`)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import optax
+
+if TYPE_CHECKING:
+    import ml_collections
 
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "lars")
 SCHEDULE_NAMES = ("constant", "warmup_cosine")
 
 
-def create_learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+def check_config(optim_config: ml_collections.ConfigDict) -> None:
+    """``config.optim``: a known optimiser and schedule, a positive learning rate, a decay >= 0 and
+    whole warm-up steps >= 0; ValueError (one line naming the field) otherwise."""
+    for field, names in (("name", OPTIMIZER_NAMES), ("schedule", SCHEDULE_NAMES)):
+        if optim_config[field] not in names:
+            raise ValueError(
+                f"optim.{field}={optim_config[field]!r} is unknown; allowed: {', '.join(names)}"
+            )
+    if not optim_config.learning_rate > 0:
+        raise ValueError(f"optim.learning_rate={optim_config.learning_rate!r} must be > 0")
+    if not optim_config.weight_decay >= 0:
+        raise ValueError(f"optim.weight_decay={optim_config.weight_decay!r} must be >= 0")
+    warmup = optim_config.warmup_steps
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"optim.warmup_steps={warmup!r} must be an integer >= 0")
+
+
+def create_learning_rate_schedule(
+    optim_config: ml_collections.ConfigDict, total_steps: int
+) -> optax.Schedule:
     """'constant' (after an optional linear warm-up) or 'warmup_cosine' to
     ``learning_rate * final_lr_fraction`` at ``total_steps``."""
     peak = float(optim_config.learning_rate)
@@ -33,13 +54,13 @@ def create_learning_rate_schedule(optim_config, total_steps: int) -> optax.Sched
     )
 
 
-def _kernels_only(params):
+def _kernels_only(params: Any) -> Any:
     """Mask selecting weight matrices/kernels (not biases or BatchNorm scales/offsets)."""
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def create_optimizer(
-    optim_config, total_steps: int
+    optim_config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax transformation and its learning-rate schedule.
 

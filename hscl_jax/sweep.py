@@ -21,8 +21,6 @@ from its last checkpoint. After every run the sweep rewrites
 - ``DIR/study.md``: mean +- std per (method, beta, queue size, hardening) cell; paired over seeds,
   with a paired t-test: H-SCL minus SCL (and H-UCL minus UCL) per beta and queue size, each queue
   size minus no queue, each hardening function minus "exp".
-
-Layer 6 (with train.py and bench/): imports trainer, evaluate, metrics, losses and config.
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from collections.abc import Iterable, Sequence
 import ml_collections
 import numpy as np
 
+from hscl_jax import config as config_lib
 from hscl_jax import evaluate, losses, metrics, trainer
 
 TILTED = ("hucl", "hscl")
@@ -288,8 +287,10 @@ if __name__ == "__main__":
     from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Path to a config file.", lock_config=False
+        "config", None, config_lib.CONFIG_FLAG_HELP, lock_config=False
     )
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep.")
+    _WORKDIR = flags.DEFINE_string(
+        "workdir", None, "Directory of the sweep: runs/<run>/, study.json and study.md go there."
+    )
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

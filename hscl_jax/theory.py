@@ -1,8 +1,6 @@
 """The paper's theory as pure functions of a batch of projections: the four-loss comparison and
-Assumption 1 (SPEC.md, "The theory the project lets users check").
-
-Layer 1: imports only :mod:`hscl_jax.losses`; imported by step.py (the train-time monitor),
-analysis.py (a run's checkpoints) and anything later.
+Assumption 1 (docs/losses.md), and the check of ``config.theory``, the train-time monitor's
+settings (:func:`check_config`).
 
 For a batch of projections ``z1, z2``:
 
@@ -34,6 +32,7 @@ global figures.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +40,9 @@ import numpy as np
 from jax import lax
 
 from hscl_jax import losses
+
+if TYPE_CHECKING:
+    import ml_collections
 
 LOSS_KEYS = ("hscl", "hucl", "scl", "ucl")
 ASSUMPTION_KEYS = ("assumption_fraction", "assumption_log_ratio", "assumption_num_anchors")
@@ -53,6 +55,30 @@ DEFAULT_BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0)
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def check_config(theory_config: ml_collections.ConfigDict) -> None:
+    """``config.theory``: ``enabled`` a bool, ``reference_size`` an integer >= 0, ``beta`` and
+    ``temperature`` None (follow config.loss) or valid for the losses; ValueError (one line
+    naming the field) otherwise."""
+    if not isinstance(theory_config.enabled, bool):
+        raise ValueError(f"theory.enabled={theory_config.enabled!r} must be True or False")
+    size = theory_config.reference_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"theory.reference_size={size!r} must be an integer >= 0")
+    for key, check, allowed in (
+        ("beta", losses.check_beta, ">= 0"),
+        ("temperature", losses.check_temperature, "> 0"),
+    ):
+        value = theory_config[key]
+        try:
+            if value is not None:
+                check(value)
+        except ValueError:
+            raise ValueError(
+                f"theory.{key}={value!r} must be None (follow config.loss) or a finite number "
+                f"{allowed}"
+            ) from None
 
 
 def _check_batch(z1, z2, labels) -> None:

@@ -79,13 +79,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     created when missing) and builds the step."""
     distributed.maybe_initialize(config)
     config_lib.validate_config(config)
-    devices = distributed.mapped_devices(config_lib.num_devices_for(config))
+    num_local_devices = config_lib.num_devices_for(config)
+    check_data_opens(config, num_local_devices)
+    devices = distributed.mapped_devices(num_local_devices)
     built = step_lib.build_step(config, devices)
     steps_per_epoch = 0
     if built.theory_options is not None:
-        steps_per_epoch = config_lib.config_errors_from(
-            data.steps_per_epoch, config.data, config.global_batch_size
-        )
+        steps_per_epoch = data.steps_per_epoch(config.data, config.global_batch_size)
     metrics.prepare_workdir(workdir)
     return Run(
         config=config,
@@ -97,11 +97,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
 
 
+def check_data_opens(config: ml_collections.ConfigDict, num_local_devices: int) -> None:
+    """Opens and closes the training stream, so that what the data refuses (a dataset not
+    prepared, a batch larger than the split, sampler settings) stops the run before anything is
+    written; ConfigError naming config.data."""
+    try:
+        data.train_iterator(
+            config.data,
+            global_batch_size=config.global_batch_size,
+            seed=config.data.seed,
+            num_local_devices=num_local_devices,
+        ).close()
+    except ValueError as error:  # the data package's bad input (data.DataError once it has one)
+        raise config_lib.ConfigError(f"config.data: {error}") from None
+
+
 def open_batches(run: Run, start_step: int):
     """The training stream from batch ``start_step`` on, prefetched to the devices."""
     config = run.config
-    batches = config_lib.config_errors_from(
-        data.train_iterator,
+    batches = data.train_iterator(
         config.data,
         global_batch_size=config.global_batch_size,
         seed=config.data.seed,
@@ -301,8 +315,7 @@ class ReferenceMonitor:
         host_data = config.data.copy_and_resolve_references()
         host_data.augment_on = "host"
         batch = next(
-            config_lib.config_errors_from(
-                data.train_iterator,
+            data.train_iterator(
                 host_data,
                 global_batch_size=config.global_batch_size,
                 seed=config.data.seed,
@@ -436,12 +449,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _hold_workdir(held: contextlib.ExitStack, run: Run) -> None:
     """Process 0 takes the workdir lock (locks.hold_workdir) for the rest of ``held``; every
-    process stops with WorkdirInUseError when it cannot."""
+    process stops with WorkdirLockError when it cannot."""
     error = None
     if run.is_chief:
         try:
             held.enter_context(locks.hold_workdir(run.workdir))
-        except locks.WorkdirInUseError as refused:
+        except locks.WorkdirLockError as refused:
             error = refused
     if not distributed.all_processes_agree(error is None):
         raise error or locks.WorkdirInUseError(

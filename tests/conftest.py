@@ -61,3 +61,21 @@ def tiny_digits_config():
 def repo_root():
     """The checkout's root (where train.py and configs/ are)."""
     return REPO
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_folders_under_pytest_basetemp(tmp_path_factory):
+    """What asks ``tempfile`` for a folder, in this process or a subprocess (TFDS makes one, and
+    never removes it, whenever a dataset builder opens a data_dir where the dataset is not
+    prepared yet), gets it under pytest's own temporary directory instead of /tmp."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tempfile"))
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = folder
+    yield folder
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]

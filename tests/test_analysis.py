@@ -120,7 +120,9 @@ def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     (_, z), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
     expected = theory.theory_metrics(z[:8], z[8:], batch["label"][0], beta=2.0)
     for key in theory.THEORY_KEYS:
-        np.testing.assert_allclose(float(rows[0][key]), expected[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            float(rows[0][key]), expected[key], rtol=1e-4, atol=1e-6, err_msg=key
+        )
 
     sweep = _read_csv(os.path.join(workdir, metrics.BETA_SWEEP_CSV))
     assert [float(r["beta"]) for r in sweep] == [0.0, 1.0, 10.0]

@@ -1,6 +1,6 @@
 """Tests for hscl_jax.checkpoints: save then restore round-trips the state and meta, the steps on
-disk, the model variables of one step, and a checkpoint of another shape refused in one line (a
-different tree structure is issue #10, helper mh)."""
+disk, the model variables of one step, a checkpoint of another shape refused in one line, and a
+save that fails (a full disk) reported in one line at once, keeping the checkpoints before it."""
 
 import os
 import shutil
@@ -59,7 +59,9 @@ def test_save_restore_round_trip_and_steps_on_disk(tmp_path):
     step, variables = checkpoints.restore_variables_and_step(workdir, 4)
     assert step == 4
     chex.assert_trees_all_equal(variables["batch_stats"], _host_state(step=4)["batch_stats"])
-    with pytest.raises(ValueError, match=r"no checkpoint of step 5 .*; have \[4, 6\]"):
+    with pytest.raises(
+        checkpoints.MissingCheckpointError, match=r"no checkpoint of step 5 .*; have \[4, 6\]"
+    ):
         checkpoints.restore_variables(workdir, 5)
     with pytest.raises(ValueError, match="no complete checkpoint"):
         checkpoints.restore_variables(str(tmp_path / "elsewhere"))
@@ -78,3 +80,38 @@ def test_restore_into_another_shape_is_one_line(tmp_path):
         assert "\n" not in str(error.value)
     finally:
         manager.close()
+
+
+def test_a_failed_save_is_one_line_at_once_and_keeps_the_checkpoints_before_it(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from etils.epath import abstract_path
+
+    workdir = str(tmp_path)
+    manager = checkpoints.checkpoint_manager(workdir, 2)
+    checkpoints.save_checkpoint(manager, 2, _host_state(step=2), {"step": 2})
+    write_text = abstract_path.Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(abstract_path.Path, "write_text", disk_full)
+    with pytest.raises(checkpoints.CheckpointSaveError) as raised:
+        checkpoints.save_checkpoint(manager, 4, _host_state(step=4), {"step": 4})
+    assert str(raised.value) == (
+        f"cannot save checkpoint step 4 in {workdir}/checkpoints ([Errno 28] No space left on "
+        "device); the last good checkpoint is step 2: make room and run the same command again "
+        "to resume from it"
+    )
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]  # nothing half-written
+    # Room again: the same step saves, and both restore.
+    monkeypatch.setattr(abstract_path.Path, "write_text", write_text)
+    checkpoints.save_checkpoint(manager, 4, _host_state(step=4), {"step": 4})
+    manager.close()
+    assert checkpoints.checkpoint_steps(workdir) == [2, 4]
+    for step in (2, 4):
+        chex.assert_trees_all_equal(
+            checkpoints.restore_variables(workdir, step)["params"], _host_state(step=step)["params"]
+        )

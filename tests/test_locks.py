@@ -130,3 +130,20 @@ def test_processes_building_digits_at_once_all_succeed(tmp_path):
         output = builder.communicate(timeout=300)[0]
         assert builder.returncode == 0, output[-3000:]
         assert "prepared True" in output
+
+
+def test_a_lock_file_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    workdir = str(tmp_path / "run")
+
+    def disk_full(descriptor, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(locks.os, "write", disk_full)
+    with pytest.raises(locks.WorkdirLockError) as raised, locks.hold_workdir(workdir):
+        pass
+    assert str(raised.value) == (
+        f"cannot lock workdir {workdir}: writing {workdir}/run.lock failed ([Errno 28] No space "
+        "left on device); make room or use another --workdir"
+    )

@@ -1,5 +1,6 @@
 """Tests for hscl_jax.metrics: the metrics.jsonl reader (a record cut short by a kill is skipped),
-dropping the records a resumed run logs again, the atomic JSON writer, the workdir check."""
+dropping the records a resumed or restarted run logs again, the atomic JSON writer, the workdir
+check."""
 
 import json
 import os
@@ -21,6 +22,18 @@ def test_reader_skips_a_cut_record_and_resume_drops_later_steps(tmp_path):
     writer.write(2, {"loss": 1.0})
     writer.close()
     assert metrics.read_metrics(str(tmp_path)) == [{"step": 2, "loss": 1.0}]
+
+
+def test_a_run_started_again_from_scratch_drops_the_earlier_runs_records(tmp_path):
+    # A run killed before its first checkpoint leaves records; started again, it logs them again.
+    writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+    writer.write(2, {"loss": 2.5})
+    writer.write(4, {"loss": 1.5})
+    writer.close()
+    writer = metrics.MetricWriter(str(tmp_path), enabled=True, resumed_at=None)
+    writer.write(2, {"loss": 2.0})
+    writer.close()
+    assert metrics.read_metrics(str(tmp_path)) == [{"step": 2, "loss": 2.0}]
 
 
 def test_json_written_atomically_and_workdir_checked(tmp_path):

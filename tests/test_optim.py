@@ -25,7 +25,7 @@ def test_reference_adam_adds_weight_decay_to_the_gradient():
     for name, expected in (("adam", -0.1), ("adamw", 0.0)):
         tx, _ = optim.create_optimizer(_optim(name=name, learning_rate=0.1, weight_decay=0.5), 10)
         updates, _ = tx.update(grads, tx.init(params), params)
-        np.testing.assert_allclose(updates["w"], [expected], atol=1e-6)
+        np.testing.assert_allclose(updates["w"], [expected], rtol=1e-4, atol=1e-5)
 
 
 def test_weight_decay_mask_and_sgd():
@@ -36,13 +36,14 @@ def test_weight_decay_mask_and_sgd():
         optim_config.weight_decay_on_bn_and_bias = on_bn_and_bias
         tx, _ = optim.create_optimizer(optim_config, 10)
         updates, _ = tx.update(zero_grads, tx.init(params), params)
-        np.testing.assert_allclose(updates["kernel"], -0.1, atol=1e-7)
-        np.testing.assert_allclose(updates["bias"], bias_update, atol=1e-7)
+        np.testing.assert_allclose(updates["kernel"], -0.1, rtol=1e-4)
+        np.testing.assert_allclose(updates["bias"], bias_update, rtol=1e-4, atol=1e-5)
 
 
 def test_schedules():
     _, constant = optim.create_optimizer(_optim(), 100)
-    assert float(constant(0)) == pytest.approx(1e-3) and float(constant(99)) == pytest.approx(1e-3)
+    assert float(constant(0)) == pytest.approx(1e-3, rel=1e-4)
+    assert float(constant(99)) == pytest.approx(1e-3, rel=1e-4)
     optim_config = _optim(
         name="lars",
         learning_rate=2.0,
@@ -52,10 +53,10 @@ def test_schedules():
     )
     tx, schedule = optim.create_optimizer(optim_config, 110)
     assert float(schedule(0)) == 0.0
-    assert float(schedule(5)) == pytest.approx(1.0)
-    assert float(schedule(10)) == pytest.approx(2.0)
+    assert float(schedule(5)) == pytest.approx(1.0, rel=1e-4)
+    assert float(schedule(10)) == pytest.approx(2.0, rel=1e-4)
     assert float(schedule(60)) == pytest.approx(0.2 + 1.8 * 0.5, rel=1e-4)
-    assert float(schedule(110)) == pytest.approx(0.2)
+    assert float(schedule(110)) == pytest.approx(0.2, rel=1e-4)
     params = {"kernel": jnp.ones((3, 3))}
     updates, _ = tx.update(params, tx.init(params), params)  # LARS runs
     assert np.all(np.isfinite(updates["kernel"]))

@@ -1,10 +1,14 @@
 """What a run guarantees when things go wrong: damaged checkpoints are skipped (trainer, evaluate,
 analysis), a resume with another optimiser is one line, a second run on a busy workdir stops at
-once, and SIGTERM / SIGINT stop a run with a checkpoint it resumes from exactly."""
+once, SIGTERM / SIGINT stop a run with a checkpoint it resumes from exactly, a damaged config.json
+is named in one line, analysis skips a checkpoint deleted while it runs, a run the data refuses
+writes nothing, and a full disk stops a run in one line with a checkpoint it resumes from
+exactly."""
 
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,7 +196,26 @@ _TINY_FLAGS = [
 ]
 
 
-def _train(jax_cache, workdir, *, signal_name=None, stop_at=None):
+# train.py, with the disk full (every write fails, as with no space left) from the save of step
+# HSCL_TEST_DISK_FULL_AT_STEP on; RLIMIT_FSIZE = 0 makes writes fail with EFBIG (pipes, such as
+# the captured stderr, are not limited), and needs no privileges.
+_FULL_DISK_RUNNER = """
+import os, resource, runpy, signal, sys
+from hscl_jax import checkpoints
+full_at = int(os.environ["HSCL_TEST_DISK_FULL_AT_STEP"])
+save = checkpoints.save_checkpoint
+def fill_the_disk_then_save(manager, step, *args):
+    if step == full_at:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+    return save(manager, step, *args)
+checkpoints.save_checkpoint = fill_the_disk_then_save
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def _train(jax_cache, workdir, *, signal_name=None, stop_at=None, disk_full_at=None):
     env = dict(
         os.environ,
         PYTHONPATH=REPO,
@@ -205,6 +228,9 @@ def _train(jax_cache, workdir, *, signal_name=None, stop_at=None):
     if signal_name is not None:
         command[1:2] = ["-c", _SIGNALLING_RUNNER]
         env.update(HSCL_TEST_SIGNAL=signal_name, HSCL_TEST_STOP_AT_STEP=str(stop_at))
+    if disk_full_at is not None:
+        command[1:2] = ["-c", _FULL_DISK_RUNNER]
+        env.update(HSCL_TEST_DISK_FULL_AT_STEP=str(disk_full_at))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -242,6 +268,82 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resuming_is_exact(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from checkpoint at step 6" in result.stderr
     _assert_same_tree(_params(stopped, 10), _params(reference, 10))
+
+
+def _assert_refused_in_one_line(result, message: str) -> None:
+    """train.py exited with status 1 and ``error: <message>`` as its only line on stderr besides
+    absl's INFO and WARNING log lines."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if not re.match(r"[IW]\d{4} ", line)]
+    assert lines == [f"error: {message}"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("signals")  # one worker: the uninterrupted run is made once
+def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_resumes_exactly(
+    uninterrupted_run, tmp_path
+):
+    reference, jax_cache = uninterrupted_run
+    # The disk fills up before the step-8 checkpoint: the run stops there, keeping step 4's.
+    workdir = str(tmp_path / "run")
+    _assert_refused_in_one_line(
+        _train(jax_cache, workdir, disk_full_at=8),
+        f"cannot save checkpoint step 8 in {workdir}/checkpoints ([Errno 27] File too large); "
+        "the last good checkpoint is step 4: make room and run the same command again to resume "
+        "from it",
+    )
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+    result = _train(jax_cache, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from checkpoint at step 4" in result.stderr
+    _assert_same_tree(_params(workdir, 10), _params(reference, 10))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line)["step"] for line in f if "loss" in line]
+    assert logged == [2, 4, 6, 8, 10]
+
+
+def test_a_damaged_config_json_is_named_in_one_line(finished_run, tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished_run, workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text[: len(text) // 2])  # cut short, as by a full disk or a copy interrupted
+    for main in (evaluate.main, analysis.main):
+        assert main([f"--workdir={workdir}"]) == 1
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {path} is not valid JSON: "), line
+        assert line.endswith(
+            "the file is damaged or was cut short (a training run on this "
+            "workdir writes it again when it starts)"
+        ), line
+
+
+def test_analysis_skips_a_checkpoint_deleted_while_it_runs(finished_run, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished_run, workdir)
+    listed = checkpoints.checkpoint_steps
+
+    def listed_then_retention_deletes_the_oldest(directory):
+        steps = listed(directory)
+        shutil.rmtree(os.path.join(directory, "checkpoints", str(steps[0])))
+        return steps
+
+    monkeypatch.setattr(checkpoints, "checkpoint_steps", listed_then_retention_deletes_the_oldest)
+    written = analysis.analyze_checkpoints(workdir, num_batches=1, max_embeddings=0, betas=())
+    with open(written["theory"]) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["4"]
+
+
+def test_a_run_the_data_refuses_writes_nothing(tmp_path, tiny_digits_config):
+    workdir = tmp_path / "run"
+    with pytest.raises(
+        config.ConfigError,
+        match=r"^config.data: global_batch_size 2000 exceeds the 1438 training examples.$",
+    ):
+        trainer.train_and_evaluate(tiny_digits_config(global_batch_size=2000), str(workdir))
+    assert not workdir.exists()
 
 
 def test_stop_signals_set_a_flag_and_restore_the_handlers():
