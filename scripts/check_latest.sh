@@ -25,6 +25,10 @@ NEWEST=(jax jaxlib flax optax chex orbax-checkpoint ml-collections numpy)
 # them that train on digits skip without TFDS.
 TESTS=(
   tests/test_losses.py
+  tests/test_losses_hardening.py
+  tests/test_losses_queue.py
+  tests/test_losses_registry.py
+  tests/test_losses_precision.py
   tests/test_models.py
   tests/test_theory.py
   tests/test_optim.py

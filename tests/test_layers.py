@@ -80,8 +80,8 @@ def test_every_module_has_a_layer():
 
 def later_layer_imports(importer: str, source: str) -> dict[str, int]:
     """The hscl_jax modules ``source`` (module ``importer``) imports from its own or a later layer;
-    the data subpackage may import its own modules."""
-    imported = hscl_imports(source) - ({"data"} if importer == "data" else set())
+    a subpackage (data, losses) may import its own modules."""
+    imported = hscl_imports(source) - {importer}
     return {m: LAYERS[m] for m in imported if LAYERS[m] >= LAYERS[importer]}
 
 
