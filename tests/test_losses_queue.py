@@ -227,3 +227,91 @@ def test_bad_queue_raises_one_clear_error(queue, options, match):
     y = jnp.arange(4, dtype=jnp.int32)
     with pytest.raises(ValueError, match=match):
         losses.hscl(z, z, y, beta=1.0, queue=queue(z, y), **options)
+
+
+# ----------------------------------------------------------------------------- the queue as a value
+
+
+def _labelled_keys(step, batch=2, dim=2):
+    """Batch ``step`` of keys: row r holds step + r / 10, labelled 10 * step + r."""
+    keys = jnp.full((batch, dim), float(step)) + jnp.arange(float(batch))[:, None] / 10
+    return keys, 10 * step + jnp.arange(batch, dtype=jnp.int32)
+
+
+def test_push_is_first_in_first_out_newest_first():
+    queue = losses.Queue.empty(5, 2)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        queue,
+        losses.Queue(
+            jnp.zeros((5, 2), jnp.float32), jnp.zeros((5,), jnp.int32), jnp.zeros((5,), bool)
+        ),
+    )
+    assert not queue.valid.any()
+    for step in range(3):
+        queue = queue.push(*_labelled_keys(step))
+        np.testing.assert_array_equal(queue.valid, np.arange(5) < min(2 * (step + 1), 5))
+    # Newest batch first, in batch order; the oldest row (batch 0, row 1) has been dropped.
+    np.testing.assert_array_equal(queue.labels, [20, 21, 10, 11, 0])
+    np.testing.assert_allclose(queue.z[:, 0], [2.0, 2.1, 1.0, 1.1, 0.0])
+    assert queue.valid.all()
+
+
+def test_push_of_a_batch_larger_than_the_queue_keeps_its_first_rows():
+    queue = losses.Queue.empty(5, 2).push(*_labelled_keys(0))
+    big = queue.push(jnp.ones((7, 2)), jnp.arange(7, dtype=jnp.int32))
+    np.testing.assert_array_equal(big.labels, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(big.z, np.ones((5, 2)))
+    assert big.valid.all()
+
+
+def test_queue_is_a_pytree_that_jit_and_tree_maps_keep():
+    queue = losses.Queue.empty(4, 3, jnp.bfloat16).push(jnp.ones((2, 3)), jnp.array([1, 2]))
+    leaves, treedef = jax.tree.flatten(queue)
+    assert len(leaves) == 3
+    assert jax.tree.unflatten(treedef, leaves) == queue
+    assert isinstance(jax.tree.map(jnp.copy, queue), losses.Queue)
+    pushed = jax.jit(lambda q, k, y: q.push(k, y))(queue, jnp.full((2, 3), 2.0), jnp.array([3, 4]))
+    assert isinstance(pushed, losses.Queue) and pushed.z.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(pushed.labels, [3, 4, 1, 2])
+    np.testing.assert_array_equal(pushed.valid, [True] * 4)
+
+
+def test_pushed_keys_are_constants():
+    def loss(keys):
+        queue = losses.Queue.empty(4, 2).push(keys, jnp.array([0, 1]))
+        return jnp.sum(queue.z**2)
+
+    np.testing.assert_array_equal(jax.grad(loss)(jnp.ones((2, 2))), 0.0)
+
+
+def test_queue_value_equals_the_trainer_queue_helpers():
+    """The trainer's dict-based queue of hscl_jax.step, step for step (it moves onto this API)."""
+    from hscl_jax import step as step_lib
+
+    queue = losses.Queue.empty(5, 2)
+    trainer_queue = step_lib.init_queue({"w": jnp.ones(3)}, {}, 5, 2)
+    for step in range(4):
+        keys, labels = _labelled_keys(step, batch=3)
+        queue = queue.push(keys, labels)
+        trainer_queue = step_lib.enqueue(trainer_queue, keys, labels)
+        chex.assert_trees_all_equal(queue, step_lib.loss_queue(trainer_queue))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: losses.Queue.empty(0, 2), r"size must be a positive integer, got 0"),
+        (lambda: losses.Queue.empty(4, 2.5), r"dim must be a positive integer, got 2.5"),
+        (
+            lambda: losses.Queue.empty(4, 2).push(jnp.ones((2, 3)), jnp.array([0, 1])),
+            r"keys must have shape \(B, 2\) to match the queue, got \(2, 3\)",
+        ),
+        (
+            lambda: losses.Queue.empty(4, 2).push(jnp.ones((2, 2)), jnp.array([0.0, 1.0])),
+            r"labels must be integers of shape \(2,\) to match keys, got float32",
+        ),
+    ],
+)
+def test_bad_queue_arguments_raise_one_clear_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
