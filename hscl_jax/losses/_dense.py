@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from hscl_jax.losses._kernel import AnchorKernel, State, valid_anchors
+from hscl_jax.losses._parallel import sum_to_primal_type
 from hscl_jax.losses._spec import Array, Hyper, Spec
 from hscl_jax.losses._views import (
     ContrastViews,
@@ -183,8 +184,8 @@ def _dense_terms_bwd(spec: Spec, chunk: int, residuals: Any, cotangents: Any) ->
     return (
         dz_rows.astype(z_rows.dtype),
         dz_cols.astype(z_cols.dtype),
-        d_beta.astype(jnp.result_type(beta)),
-        d_temperature.astype(jnp.result_type(temperature)),
+        sum_to_primal_type(d_beta, beta).astype(jnp.result_type(beta)),
+        sum_to_primal_type(d_temperature, temperature).astype(jnp.result_type(temperature)),
         None,
     )
 

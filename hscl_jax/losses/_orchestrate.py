@@ -27,6 +27,12 @@ from hscl_jax.losses._kernel import (
     positive_counts,
     valid_anchors,
 )
+from hscl_jax.losses._parallel import (
+    check_split,
+    explicit_batch_axes,
+    global_mean,
+    on_explicit_mesh,
+)
 from hscl_jax.losses._queue import Queue
 from hscl_jax.losses._spec import Array, Hyper, LossAux, Spec
 from hscl_jax.losses._views import (
@@ -72,7 +78,7 @@ class _TileWalk:
             body = jax.checkpoint(body)
         for tiles in (self.cols, self.queue if with_queue else None):
             if tiles is not None:
-                carry, _ = over_chunks(body, carry, tiles)
+                carry, _ = over_chunks(body, carry, tiles, like=self.rows)
         return carry
 
     def tile(self, col_tile: ContrastViews) -> tuple[Array, Array, Array, Array]:
@@ -294,15 +300,7 @@ def _contrastive(
     total, count, aux_parts = _local_sums(
         spec, hyper, rows, partner, s_partner, cols, queue_rows, log_q, block_size, dtype
     )
-    if axis_name is None:
-        global_total, global_count = total, count
-    else:
-        global_total, global_count = lax.psum((total, count), axis_name)
-    denom = lax.stop_gradient(jnp.maximum(global_count, 1.0))
-    # The gradient flows through this device's own share only; the all_gather transposes into a
-    # sum over devices, so each device ends up with its slice of the global gradient.
-    local_loss = total / denom
-    loss = local_loss + lax.stop_gradient(global_total / denom - local_loss)
+    loss = global_mean(total, count, axis_name)
     if not spec.with_aux:
         return loss
     assert aux_parts is not None
@@ -312,6 +310,29 @@ def _contrastive(
 
 
 _contrastive_jit = jax.jit(_contrastive, static_argnums=(0, 6, 7))
+
+
+@jax.named_call
+def _contrastive_on_explicit_mesh(
+    spec: Spec,
+    hyper: Hyper,
+    z1: Array,
+    z2: Array,
+    labels: Array | None,
+    queue: Queue | None,
+    block_size: int | None,
+    batch_axes: tuple[Any, ...],
+) -> Any:
+    """The loss of a batch sharded over Explicit mesh axes: the batch stays split, each device's
+    anchors are contrasted with the gathered batch inside ``jax.shard_map``."""
+
+    def per_device(axis_name: Any, z1: Array, z2: Array, labels: Array | None, rest: Any) -> Any:
+        return _contrastive(spec, rest[0], z1, z2, labels, rest[1], axis_name, block_size)
+
+    return on_explicit_mesh(per_device, batch_axes, (z1, z2, labels), (hyper, queue))
+
+
+_contrastive_on_explicit_mesh_jit = jax.jit(_contrastive_on_explicit_mesh, static_argnums=(0, 6, 7))
 
 
 def run(
@@ -326,6 +347,12 @@ def run(
 ) -> Any:
     """The loss of ``spec`` on checked inputs, jitted unless collectives need the caller's trace."""
     if axis_name is None:
+        batch_axes = explicit_batch_axes(z1)
+        if batch_axes:
+            return _contrastive_on_explicit_mesh_jit(
+                spec, hyper, z1, z2, labels, queue, block_size, batch_axes
+            )
         return _contrastive_jit(spec, hyper, z1, z2, labels, queue, None, block_size)
-    # Collectives need the enclosing pmap's trace; jit-in-pmap would inline anyway.
+    check_split(z1, axis_name)
+    # Collectives need the enclosing pmap's or shard_map's trace; a jit inside would inline.
     return _contrastive(spec, hyper, z1, z2, labels, queue, axis_name, block_size)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hscl_jax.losses._parallel import tree_varying_axes, vary
 from hscl_jax.losses._queue import Queue
 from hscl_jax.losses._spec import Array, Hyper, Spec
 
@@ -153,9 +154,13 @@ def pad_blocks(views: ContrastViews, block: int) -> ContrastViews:
     )
 
 
-def over_chunks(fn: Any, carry: Any, chunks: Any) -> tuple[Any, Any]:
-    """lax.scan over the leading (chunk) axis; one chunk is called directly, without a loop."""
+def over_chunks(fn: Any, carry: Any, chunks: Any, like: Any = None) -> tuple[Any, Any]:
+    """lax.scan over the leading (chunk) axis; one chunk is called directly, without a loop.
+
+    The carry is typed as varying over the mesh axes the chunks and ``like`` (values the body
+    closes over) vary over, as the body makes it (``docs/parallelism.md``).
+    """
     if jax.tree.leaves(chunks)[0].shape[0] > 1:
-        return lax.scan(fn, carry, chunks)
+        return lax.scan(fn, vary(carry, tree_varying_axes((chunks, like))), chunks)
     carry, out = fn(carry, jax.tree.map(lambda x: x[0], chunks))
     return carry, jax.tree.map(lambda x: x[None], out)
