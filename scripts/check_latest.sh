@@ -29,6 +29,9 @@ TESTS=(
   tests/test_losses_queue.py
   tests/test_losses_registry.py
   tests/test_losses_precision.py
+  tests/test_losses_parallel.py
+  tests/test_losses_multiview.py
+  tests/test_losses_input_checks.py
   tests/test_models.py
   tests/test_theory.py
   tests/test_optim.py

@@ -362,7 +362,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
         (lambda z, y: losses.compute("nce", z, z, y), r"unknown loss 'nce'; allowed"),
         (lambda z, y: losses.compute("ucl", z, z, y, beta=1.0), r"does not take option.*beta"),
         (lambda z, y: losses.compute("scl", z, z), r"needs labels"),
-        # hardening (issue #14)
+        # hardening
         (lambda z, y: losses.hscl(z, z, y), r"beta is required with hardening='exp', got None"),
         (lambda z, y: losses.hscl(z, z, y, hardening="poly"), r"beta is required.*'poly'"),
         (

@@ -7,27 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_batches import assert_same as _assert_same
+from loss_batches import batch as _batch
+from loss_batches import unit as _unit
 
 from hscl_jax import losses
-
-
-def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _batch(seed, batch, dim, num_classes):
-    rng = np.random.default_rng(seed)
-    z1 = _unit(rng.normal(size=(batch, dim)))
-    z2 = _unit(z1 + 0.5 * rng.normal(size=(batch, dim)))
-    labels = rng.integers(0, num_classes, size=batch).astype(np.int32)
-    return jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), jnp.asarray(labels)
-
-
-def _assert_same(a, b, rtol=1e-5, atol=1e-6):
-    """Equal values and gradients: a and b are (value, (grad_z1, grad_z2))."""
-    np.testing.assert_allclose(a[0], b[0], rtol=rtol, atol=atol)
-    chex.assert_trees_all_close(a[1], b[1], rtol=1e-4, atol=atol)
-
 
 # ----------------------------------------------------------------------------- queue
 

@@ -1,7 +1,11 @@
 """Contrastive losses: UCL (SimCLR), SCL, H-UCL, H-SCL and SupCon, as pure JAX functions.
 
 Every loss takes the L2-normalised projections of two views, ``z1`` and ``z2`` of shape
-``(B, d)`` (row ``i`` of each is the same image), and returns a scalar. The definitions, as the
+``(B, d)`` (row ``i`` of each is the same image), or one array of V >= 2 views per image of shape
+``(B, V, d)`` (``labels=`` then by keyword), and returns a scalar::
+
+    loss = losses.hscl(z1, z2, labels, beta=1.0)
+    loss = losses.hscl(z, labels=labels, beta=1.0, normalize=True) The definitions, as the
 code implements them, are in ``docs/losses.md``; the hardenings and the queue in
 ``docs/hardening-and-queue.md``; the batch split over devices (``axis_name``, ``jax.pmap``,
 ``jax.shard_map``, ``jax.jit`` over a mesh) in ``docs/parallelism.md``.
@@ -23,7 +27,6 @@ without materialising it; the dense path of the tilted family has a hand-written
 
 from hscl_jax.losses._checks import check_beta, check_temperature, float32_beta_limit
 from hscl_jax.losses._kernel import masked_logsumexp
-from hscl_jax.losses._public import hscl, hucl, scl, supcon, ucl
 from hscl_jax.losses._queue import Queue
 from hscl_jax.losses._registry import (
     allowed_options,
@@ -44,6 +47,8 @@ from hscl_jax.losses._spec import (
     SUPERVISED_LOSSES,
     LossAux,
 )
+from hscl_jax.losses._supervised import hscl, scl, supcon
+from hscl_jax.losses._unsupervised import hucl, ucl
 from hscl_jax.losses._views import ContrastViews, contrast_views
 
 __all__ = [

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from hscl_jax.losses._queue import Queue
 from hscl_jax.losses._spec import (
@@ -65,22 +66,47 @@ def float32_beta_limit(temperature: float) -> float:
     return min(FLOAT32_BETA_LIMIT_PER_INVERSE_TEMPERATURE * temperature, FLOAT32_BETA_LIMIT_CAP)
 
 
-def check_inputs(z1: Any, z2: Any, labels: Any, block_size: Any) -> None:
-    """Shapes and dtypes of the embeddings and labels, and the block size."""
-    z1_shape, z2_shape = jnp.shape(z1), jnp.shape(z2)
-    if len(z1_shape) != 2 or z1_shape != z2_shape:
+def as_views(z1: Any, z2: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """The views, V arrays (B, d), and their names for messages: (z1, z2), or the V slices of
+    one (B, V, d) array."""
+    if z2 is None:
+        shape = jnp.shape(z1)
+        if len(shape) != 3 or shape[1] < 2:
+            raise ValueError(
+                "pass z1 and z2 of shape (batch, dim), or one array of shape (batch, views, dim) "
+                f"with views >= 2; got z1 of shape {shape} and no z2"
+            )
+        z = jnp.asarray(z1)
+        return tuple(z[:, v] for v in range(shape[1])), tuple(f"z[:, {v}]" for v in range(shape[1]))
+    if len(jnp.shape(z1)) == 3:
         raise ValueError(
-            f"z1 and z2 must both have shape (batch, dim), got {z1_shape} and {z2_shape}"
+            "with one (batch, views, dim) array of views pass labels by keyword (labels=...); "
+            f"got a second positional argument of shape {jnp.shape(z2)}"
         )
-    if z1_shape[0] < 1:
-        raise ValueError(f"the batch must hold at least one image, got shape {z1_shape}")
-    for name, z in (("z1", z1), ("z2", z2)):
+    return (z1, z2), ("z1", "z2")
+
+
+def check_inputs(
+    views: tuple[Any, ...], names: tuple[str, ...], labels: Any, block_size: Any
+) -> None:
+    """Shapes and dtypes of the embeddings and labels, and the block size."""
+    shapes = [jnp.shape(view) for view in views]
+    if len(shapes[0]) != 2 or any(shape != shapes[0] for shape in shapes):
+        if len(views) == 2:
+            raise ValueError(
+                f"z1 and z2 must both have shape (batch, dim), got {shapes[0]} and {shapes[1]}"
+            )
+        raise ValueError(f"the views must have shape (batch, views, dim), got {shapes}")
+    if shapes[0][0] < 1:
+        raise ValueError(f"the batch must hold at least one image, got shape {shapes[0]}")
+    for name, z in zip(names, views, strict=True):
         if not jnp.issubdtype(jnp.result_type(z), jnp.floating):
             raise ValueError(f"{name} must be floating point, got dtype {jnp.result_type(z)}")
     if labels is not None:
-        if jnp.shape(labels) != (z1_shape[0],):
+        batch, matched = shapes[0][0], names[0].split("[")[0]
+        if jnp.shape(labels) != (batch,):
             raise ValueError(
-                f"labels must have shape ({z1_shape[0]},) to match z1, got {jnp.shape(labels)}"
+                f"labels must have shape ({batch},) to match {matched}, got {jnp.shape(labels)}"
             )
         if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
             raise ValueError(
@@ -93,6 +119,73 @@ def check_inputs(z1: Any, z2: Any, labels: Any, block_size: Any) -> None:
         or block_size < 1
     ):
         raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}")
+
+
+def _unit_norm_tolerance(dtype: Any) -> float:
+    """How far from 1 a row's norm may be: rounding of the embeddings in their own dtype."""
+    eps = jnp.finfo(dtype).eps  # type: ignore[no-untyped-call]  # ml_dtypes' finfo, unannotated
+    return max(1e-3, 8 * float(eps))
+
+
+def _shown_rows(rows: np.ndarray, values: np.ndarray | None = None) -> str:
+    shown = ", ".join(
+        str(r) if values is None else f"{r} (norm {v:.4g})"
+        for r, v in zip(rows[:5], rows[:5] if values is None else values[:5], strict=True)
+    )
+    return shown + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
+def check_values(views: tuple[Any, ...], names: tuple[str, ...], normalize: bool) -> None:
+    """``check_inputs=True``: non-finite values, and rows that are not of unit norm (unless the
+    loss normalises them), named in one ValueError line. Concrete arrays are checked now; traced
+    ones with ``jax.experimental.checkify`` checks, which the caller functionalises with
+    ``checkify.checkify`` (JAX refuses to stage an unfunctionalised check)."""
+    if any(isinstance(view, jax.core.Tracer) for view in views):
+        _staged_checks(views, names, normalize)
+        return
+    problems = []
+    for name, view in zip(names, views, strict=True):
+        tolerance = _unit_norm_tolerance(jnp.result_type(view))
+        x = np.asarray(jnp.asarray(view, jnp.float32))
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            problems.append(
+                f"{name} has non-finite values in rows {_shown_rows(np.flatnonzero(~finite))}"
+            )
+        if not normalize:
+            norms = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
+            off = np.flatnonzero(finite & (np.abs(norms - 1.0) > tolerance))
+            if off.size:
+                problems.append(
+                    f"{name} rows {_shown_rows(off, norms[off])} are not of unit norm "
+                    f"(tolerance {tolerance:g})"
+                )
+    if problems:
+        hint = "" if normalize else "; L2-normalise the embeddings or pass normalize=True"
+        raise ValueError("check_inputs: " + "; ".join(problems) + hint)
+
+
+def _staged_checks(views: tuple[Any, ...], names: tuple[str, ...], normalize: bool) -> None:
+    for name, view in zip(names, views, strict=True):
+        tolerance = _unit_norm_tolerance(jnp.result_type(view))
+        x = jnp.asarray(view, jnp.float32)
+        finite = jnp.all(jnp.isfinite(x), axis=1)
+        checkify.check(
+            jnp.all(finite),
+            f"check_inputs: {name} has non-finite values (first in row {{row}})",
+            row=jnp.argmin(finite),
+        )
+        if not normalize:
+            norms = jnp.linalg.norm(jnp.where(finite[:, None], x, 0.0), axis=1)
+            off = finite & (jnp.abs(norms - 1.0) > tolerance)
+            row = jnp.argmax(off)
+            checkify.check(
+                ~jnp.any(off),
+                f"check_inputs: {name} row {{row}} has norm {{norm}}, not 1 within "
+                f"{tolerance:g}; L2-normalise the embeddings or pass normalize=True",
+                row=row,
+                norm=norms[row],
+            )
 
 
 def maybe_positive(value: Any) -> bool:
@@ -151,7 +244,7 @@ def check_queue(
     if not isinstance(queue, tuple) or len(queue) != 3:
         raise ValueError(f"queue must be a losses.Queue(z, labels, valid) or None, got {queue!r}")
     z, labels, valid = queue
-    dim = jnp.shape(z1)[-1] if len(jnp.shape(z1)) == 2 else None
+    dim = jnp.shape(z1)[-1] if len(jnp.shape(z1)) in (2, 3) else None
     if len(jnp.shape(z)) != 2 or jnp.shape(z)[1] != dim:
         raise ValueError(f"queue.z must have shape (K, {dim}) to match z1, got {jnp.shape(z)}")
     size = jnp.shape(z)[0]

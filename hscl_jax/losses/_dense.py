@@ -27,7 +27,6 @@ from hscl_jax.losses._parallel import sum_to_primal_type
 from hscl_jax.losses._spec import Array, Hyper, Spec
 from hscl_jax.losses._views import (
     ContrastViews,
-    blocked,
     concat_views,
     over_chunks,
     pad_blocks,
@@ -58,24 +57,25 @@ class DenseMeta(NamedTuple):
     row_index: Array
     row_label: Array
     row_real: Array
-    partner: Array
+    row_image: Array
     col_index: Array
     col_label: Array
     col_real: Array
+    col_image: Array
     log_q: Array
     queue: ContrastViews | None
 
 
 def _dense_cols(z_cols: Array, meta: DenseMeta) -> ContrastViews:
     """The contrast set: the batch's views, then the queue's rows."""
-    cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real)
+    cols = ContrastViews(z_cols, meta.col_index, meta.col_label, meta.col_real, meta.col_image)
     return concat_views(cols, meta.queue)
 
 
-def _dense_chunks(chunk: int, z_rows: Array, meta: DenseMeta) -> tuple[ContrastViews, Array]:
-    """The anchors split into chunks: row views (num_chunks, chunk, ...) and their partners."""
-    rows = pad_blocks(ContrastViews(z_rows, meta.row_index, meta.row_label, meta.row_real), chunk)
-    return rows, blocked(meta.partner, chunk, -1)
+def _dense_chunks(chunk: int, z_rows: Array, meta: DenseMeta) -> ContrastViews:
+    """The anchors split into chunks of row views (num_chunks, chunk, ...)."""
+    rows = ContrastViews(z_rows, meta.row_index, meta.row_label, meta.row_real, meta.row_image)
+    return pad_blocks(rows, chunk)
 
 
 def _dense_forward(
@@ -96,22 +96,20 @@ def _dense_forward(
     hyper = Hyper(beta, temperature, 0.0)
     kernel = AnchorKernel(spec, hyper)
     cols = _dense_cols(z_cols, meta)
-    row_chunks, partner_chunks = _dense_chunks(chunk, z_rows, meta)
 
-    def one_chunk(_: None, args: tuple[ContrastViews, Array]) -> tuple[None, Any]:
-        rows, partner = args
-        s, pos, neg, other = tile(spec, hyper, rows, partner, cols, dtype)
+    def one_chunk(_: None, rows: ContrastViews) -> tuple[None, Any]:
+        s, pos, neg, other = tile(spec, hyper, rows, cols, dtype)
         state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,)), kernel.init(dtype))
         state = jax.vmap(kernel.accumulate)(state0, s, pos, neg, other)
         valid = valid_anchors(spec, state, rows.real)
         log_mu = jax.vmap(kernel.log_mu)(state, valid)
         pairs = None
-        if spec.positives == "all":
+        if spec.positives != "partner":
             offset = meta.log_q + log_mu
             pairs = jnp.where(valid, jax.vmap(kernel.positive_sum)(offset, s, pos), 0.0)
         return None, (log_mu, pairs, state, (s if keep_s else None))
 
-    return over_chunks(one_chunk, None, (row_chunks, partner_chunks))[1]
+    return over_chunks(one_chunk, None, _dense_chunks(chunk, z_rows, meta))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -151,17 +149,16 @@ def _dense_terms_bwd(spec: Spec, chunk: int, residuals: Any, cotangents: Any) ->
     hyper = Hyper(beta, temperature, 0.0)
     kernel = AnchorKernel(spec, hyper)
     cols = _dense_cols(z_cols, meta)
-    row_chunks, partner_chunks = _dense_chunks(chunk, z_rows, meta)
     cotangent_row = jax.vmap(kernel.similarity_cotangent)
     z_cols_wide = cols.z.astype(dtype)
     n_batch_cols = z_cols.shape[0]  # the queue's rows are constants: no gradient for them
 
     def one_chunk(carry: tuple[Array, Array, Array], args: Any) -> tuple[Any, Array]:
         dz_cols, d_beta, d_temperature = carry
-        rows, partner, chunk_state, chunk_log_mu, chunk_g_log_mu, chunk_g_pairs, s = args
+        rows, chunk_state, chunk_log_mu, chunk_g_log_mu, chunk_g_pairs, s = args
         if s is None:
             s = similarities(rows, cols, hyper.temperature, dtype)
-        pos, neg, _ = tile_masks(spec, rows, partner, cols)  # pos is None for "partner"
+        pos, neg, _ = tile_masks(spec, rows, cols)  # pos is None for "partner"
         valid = valid_anchors(spec, chunk_state, rows.real)
         g_log_mu_valid = jnp.where(valid, chunk_g_log_mu, 0.0)
         g_pairs_valid = None if chunk_g_pairs is None else jnp.where(valid, chunk_g_pairs, 0.0)
@@ -177,7 +174,7 @@ def _dense_terms_bwd(spec: Spec, chunk: int, residuals: Any, cotangents: Any) ->
 
     zero = jnp.zeros((), dtype)
     carry = (jnp.zeros(z_cols.shape, dtype), zero, zero)
-    xs = (row_chunks, partner_chunks, state, log_mu, g_log_mu, g_pairs, saved_s)
+    xs = (_dense_chunks(chunk, z_rows, meta), state, log_mu, g_log_mu, g_pairs, saved_s)
     carry, dz_rows = over_chunks(one_chunk, carry, xs)
     dz_cols, d_beta, d_temperature = carry
     dz_rows = dz_rows.reshape((-1,) + z_rows.shape[1:])[: z_rows.shape[0]]
@@ -197,22 +194,23 @@ def dense_terms(
     spec: Spec,
     hyper: Hyper,
     rows: ContrastViews,
-    partner: Array,
     cols: ContrastViews,
     queue: ContrastViews | None,
     log_q: Any,
 ) -> tuple[Array, Array | None, State]:
-    """log_mu, the positive sums ("all" only) and the state of every anchor, over full rows."""
+    """log_mu, the positive sums (but with one partner) and the state of every anchor, over full
+    rows."""
     n_rows = rows.z.shape[0]
     chunk = rows_per_chunk(n_rows, cols.z.shape[0] + (0 if queue is None else queue.z.shape[0]))
     meta = DenseMeta(
         rows.index,
         rows.label,
         rows.real,
-        partner,
+        rows.image,
         cols.index,
         cols.label,
         cols.real,
+        cols.image,
         jnp.asarray(log_q, hyper.beta.dtype),
         queue,
     )

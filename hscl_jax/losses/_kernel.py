@@ -7,7 +7,7 @@ bfloat16 inputs. The definitions are those of ``docs/losses.md``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ def _softplus_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array,
 
 def positive_counts(spec: Spec, state: State) -> Array:
     """Each anchor's number of positives."""
-    return state["n_pos"] if spec.positives == "all" else jnp.ones_like(state["n_neg"])
+    return jnp.ones_like(state["n_neg"]) if spec.positives == "partner" else state["n_pos"]
 
 
 def valid_anchors(spec: Spec, state: State, real: Array) -> Array:
@@ -110,7 +110,8 @@ class AnchorKernel:
         """log w(s) of the "poly" hardening or the user's callable, elementwise."""
         if self.spec.hardening == "poly":
             cos = s * self.hyper.temperature
-            return self.hyper.beta * jnp.log(jnp.maximum(1.0 + cos, POLY_MIN_ONE_PLUS_COS))
+            log_w = self.hyper.beta * jnp.log(jnp.maximum(1.0 + cos, POLY_MIN_ONE_PLUS_COS))
+            return cast(Array, log_w)
         assert self.spec.log_weight is not None
         return self.spec.log_weight(s)
 
@@ -239,6 +240,10 @@ class AnchorKernel:
         """Sum over one block of an anchor's positives of softplus(offset - s_ij)."""
         return jnp.sum(jnp.where(pos_row, softplus(offset - s_row), 0.0))
 
+    def hucl_positive_sum(self, log_mu: Array, s_row: Array, pos_row: Array, log_q: Any) -> Array:
+        """Sum over one block of an anchor's positives of its H-UCL term (several views)."""
+        return jnp.sum(jnp.where(pos_row, self.hucl_loss(log_mu, s_row, log_q), 0.0))
+
     def similarity_cotangent(
         self,
         state: State,
@@ -265,6 +270,7 @@ class AnchorKernel:
         spec, beta = self.spec, self.hyper.beta
         ds = jnp.zeros_like(s_row)
         if g_pairs is not None:
+            assert pos_row is not None
             sig = jnp.where(pos_row, jax.nn.sigmoid(offset - s_row), 0.0)
             g_log_mu = g_log_mu + g_pairs * jnp.sum(sig)
             ds = ds - g_pairs * sig

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +38,12 @@ from hscl_jax.losses._spec import Array, Hyper, LossAux, Spec
 from hscl_jax.losses._views import (
     ContrastViews,
     blocked,
-    contrast_views,
+    l2_normalize,
     over_chunks,
     pad_blocks,
     queue_views,
     tile,
+    views_of,
 )
 
 
@@ -60,7 +61,6 @@ class _TileWalk:
     spec: Spec
     hyper: Hyper
     rows: ContrastViews
-    partner: Array
     cols: ContrastViews
     queue: ContrastViews | None
     blocked: bool
@@ -82,7 +82,7 @@ class _TileWalk:
         return carry
 
     def tile(self, col_tile: ContrastViews) -> tuple[Array, Array, Array, Array]:
-        return tile(self.spec, self.hyper, self.rows, self.partner, col_tile, self.dtype)
+        return tile(self.spec, self.hyper, self.rows, col_tile, self.dtype)
 
     def num_columns(self) -> int:
         """Every column of the walk, padding included."""
@@ -98,17 +98,18 @@ def _topk_thresholds(walk: _TileWalk) -> Array:
     view being a column and never a negative: with k >= that number no pass is needed.
     """
     spec, n_rows = walk.spec, walk.rows.z.shape[0]
-    assert spec.top_k is not None
-    if spec.top_k >= walk.num_columns():
+    top_k = spec.top_k
+    assert top_k is not None
+    if top_k >= walk.num_columns():
         return jnp.full((n_rows,), -jnp.inf, walk.dtype)
     const_walk = dataclasses.replace(walk, rows=jax.tree.map(lax.stop_gradient, walk.rows))
 
     def top_of_tile(top: Array, col_tile: ContrastViews) -> Array:
         s, _, neg, _ = const_walk.tile(jax.tree.map(lax.stop_gradient, col_tile))
         merged = jnp.concatenate([top, jnp.where(neg, lax.stop_gradient(s), -jnp.inf)], axis=1)
-        return lax.top_k(merged, spec.top_k)[0]
+        return lax.top_k(merged, top_k)[0]
 
-    top = const_walk.fold(top_of_tile, jnp.full((n_rows, spec.top_k), -jnp.inf, walk.dtype))
+    top: Array = const_walk.fold(top_of_tile, jnp.full((n_rows, top_k), -jnp.inf, walk.dtype))
     return top[:, -1]
 
 
@@ -121,13 +122,14 @@ def _anchor_statistics(walk: _TileWalk, log_q: Any) -> tuple[State, Array | None
     state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_rows,)), kernel.init(walk.dtype))
     if spec.hardening == "topk":
         state0["neg_threshold"] = _topk_thresholds(walk)
-    if not walk.blocked and spec.family == "tilted" and spec.hardening == "exp":
+    # The hand-written backward pass knows the pair term softplus(c - s), not H-UCL's debiased or
+    # clamped one over several positives.
+    hucl_pairs = spec.positives == "image" and (spec.debiased or spec.clamp)
+    if not walk.blocked and spec.family == "tilted" and spec.hardening == "exp" and not hucl_pairs:
         cols, queue = jax.tree.map(lambda x: x[0], (walk.cols, walk.queue))
-        log_mu, pairs, state = dense_terms(
-            spec, walk.hyper, walk.rows, walk.partner, cols, queue, log_q
-        )
+        log_mu, pairs, state = dense_terms(spec, walk.hyper, walk.rows, cols, queue, log_q)
         return state, log_mu, pairs
-    # Blocked, SupCon, hardenings other than "exp": differentiated automatically.
+    # Blocked, SupCon, other hardenings, H-UCL's pairs: differentiated automatically.
     vaccumulate = jax.vmap(kernel.accumulate)
     state = walk.fold(lambda st, col_tile: vaccumulate(st, *walk.tile(col_tile)), state0)
     return state, None, None
@@ -153,7 +155,8 @@ def _tilted_sums(
     """Each anchor's sum of l_ij over its positives, and how many pairs enter the mean."""
     spec = walk.spec
     offset = log_q + log_mu  # the anchor's constant c in l_ij = softplus(c - s_ij)
-    if spec.negatives == "other_views":  # UCL / H-UCL: Robinson's estimator
+    hucl = spec.negatives == "other_views"  # UCL / H-UCL: Robinson's estimator
+    if spec.positives == "partner" and hucl:
         loss = jax.vmap(kernel.hucl_loss, in_axes=(0, 0, None))(log_mu, s_partner, log_q)
         return jnp.where(valid, loss, 0.0), valid.astype(walk.dtype)
     if spec.positives == "partner":
@@ -164,6 +167,9 @@ def _tilted_sums(
 
         def add_tile(acc: Array, col_tile: ContrastViews) -> Array:
             s, pos, _, _ = walk.tile(col_tile)
+            if hucl:
+                pair_terms = jax.vmap(kernel.hucl_positive_sum, in_axes=(0, 0, 0, None))
+                return acc + pair_terms(log_mu, s, pos, log_q)
             return acc + jax.vmap(kernel.positive_sum)(offset, s, pos)
 
         zeros = jnp.zeros((walk.rows.z.shape[0],), walk.dtype)
@@ -175,7 +181,7 @@ def _aux_sums(
     spec: Spec, kernel: AnchorKernel, state: State, valid: Array, n_pos: Array, s_partner: Array
 ) -> dict[str, Array]:
     """The sums LossAux is made of, over the valid anchors."""
-    pos_s = state["pos_s_sum"] if spec.positives == "all" else s_partner
+    pos_s = s_partner if spec.positives == "partner" else state["pos_s_sum"]
     if kernel.nonlinear:
         log_w = lse_value(state["lo_max"], state["lo_sum"])
         log_w2 = lse_value(state["sq_max"], state["sq_sum"])
@@ -195,7 +201,7 @@ def _aux_sums(
         "n_neg": jnp.where(valid, state["n_neg_aux"], 0.0),
         "ess": jnp.where(valid, lax.stop_gradient(ess), 0.0),
     }
-    return jax.tree.map(jnp.sum, parts)
+    return cast(dict[str, Array], jax.tree.map(jnp.sum, parts))
 
 
 def _anchor_terms(
@@ -223,7 +229,6 @@ def _local_sums(
     spec: Spec,
     hyper: Hyper,
     rows: ContrastViews,
-    partner: Array,
     s_partner: Array,
     cols: ContrastViews,
     queue: ContrastViews | None,
@@ -235,24 +240,22 @@ def _local_sums(
     a ``lax.map`` over row blocks, each walking the column tiles (blocked)."""
     if block_size is None:  # one tile of each
         cols_tiles, queue_tiles = jax.tree.map(lambda x: x[None], (cols, queue))
-        walk = _TileWalk(spec, hyper, rows, partner, cols_tiles, queue_tiles, False, dtype)
+        walk = _TileWalk(spec, hyper, rows, cols_tiles, queue_tiles, False, dtype)
         return _anchor_terms(walk, s_partner, log_q)
     cols_tiles, queue_tiles = jax.tree.map(
         lambda views: pad_blocks(views, block_size),
         (cols, queue),
         is_leaf=lambda x: isinstance(x, ContrastViews),
     )
-    row_tiles = pad_blocks(rows, block_size)
-    partner_tiles = blocked(partner, block_size, -1)
-    s_partner_tiles = blocked(s_partner, block_size, 0)
 
     @jax.checkpoint
-    def row_block(args: tuple[ContrastViews, Array, Array]) -> Any:
-        tile_rows, tile_partner, tile_s_partner = args
-        walk = _TileWalk(spec, hyper, tile_rows, tile_partner, cols_tiles, queue_tiles, True, dtype)
+    def row_block(args: tuple[ContrastViews, Array]) -> Any:
+        tile_rows, tile_s_partner = args
+        walk = _TileWalk(spec, hyper, tile_rows, cols_tiles, queue_tiles, True, dtype)
         return _anchor_terms(walk, tile_s_partner, log_q)
 
-    totals, counts, aux_parts = lax.map(row_block, (row_tiles, partner_tiles, s_partner_tiles))
+    row_tiles = (pad_blocks(rows, block_size), blocked(s_partner, block_size, 0))
+    totals, counts, aux_parts = lax.map(row_block, row_tiles)
     if aux_parts is not None:
         aux_parts = jax.tree.map(jnp.sum, aux_parts)
     return jnp.sum(totals), jnp.sum(counts), aux_parts
@@ -276,29 +279,33 @@ def _make_aux(aux_parts: dict[str, Array], temperature: Array) -> LossAux:
 def _contrastive(
     spec: Spec,
     hyper: Hyper,
-    z1: Array,
-    z2: Array,
+    views: tuple[Array, ...],
     labels: Array | None,
     queue: Queue | None,
     axis_name: Any,
     block_size: int | None,
 ) -> Any:
-    dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
+    dtype = jnp.promote_types(jnp.result_type(*views), jnp.float32)
     hyper = Hyper(*(jnp.asarray(h, dtype) for h in hyper))
-    rows, partner, cols = contrast_views(z1, z2, labels, axis_name)
+    if spec.normalize:
+        views = tuple(l2_normalize(view) for view in views)
+    rows, cols = views_of(views, labels, axis_name)
     n_views = cols.z.shape[0]
-    z_rows32, z_partner32 = rows.z.astype(dtype), jnp.concatenate([z2, z1]).astype(dtype)
-    s_partner = jnp.sum(z_rows32 * z_partner32, axis=-1) / hyper.temperature
-    # Q = 2B - 2 over the global batch; log(0) for B = 1 leaves no valid anchor anyway.
-    log_q: Any = math.log(max(n_views - 2, 1))
+    if len(views) == 2:  # each anchor's one partner: its similarity directly
+        z_partner = jnp.concatenate(views[::-1]).astype(dtype)
+        s_partner = jnp.sum(rows.z.astype(dtype) * z_partner, axis=-1) / hyper.temperature
+    else:
+        s_partner = jnp.zeros(rows.z.shape[:1], dtype)
+    # Q = V B - V over the global batch; log(0) for B = 1 leaves no valid anchor anyway.
+    log_q: Any = math.log(max(n_views - len(views), 1))
     queue_rows = None
     if queue is not None:
         queue_rows = queue_views(queue, cols.z.dtype)
         if spec.queue_q == "grows":  # Q counts the queue's filled rows too
             filled = jnp.sum(queue_rows.real, dtype=dtype)
-            log_q = jnp.log(jnp.maximum(n_views - 2 + filled, 1.0))
+            log_q = jnp.log(jnp.maximum(n_views - len(views) + filled, 1.0))
     total, count, aux_parts = _local_sums(
-        spec, hyper, rows, partner, s_partner, cols, queue_rows, log_q, block_size, dtype
+        spec, hyper, rows, s_partner, cols, queue_rows, log_q, block_size, dtype
     )
     loss = global_mean(total, count, axis_name)
     if not spec.with_aux:
@@ -309,15 +316,14 @@ def _contrastive(
     return loss, _make_aux(aux_parts, hyper.temperature)
 
 
-_contrastive_jit = jax.jit(_contrastive, static_argnums=(0, 6, 7))
+_contrastive_jit = jax.jit(_contrastive, static_argnums=(0, 5, 6))
 
 
 @jax.named_call
 def _contrastive_on_explicit_mesh(
     spec: Spec,
     hyper: Hyper,
-    z1: Array,
-    z2: Array,
+    views: tuple[Array, ...],
     labels: Array | None,
     queue: Queue | None,
     block_size: int | None,
@@ -326,20 +332,28 @@ def _contrastive_on_explicit_mesh(
     """The loss of a batch sharded over Explicit mesh axes: the batch stays split, each device's
     anchors are contrasted with the gathered batch inside ``jax.shard_map``."""
 
-    def per_device(axis_name: Any, z1: Array, z2: Array, labels: Array | None, rest: Any) -> Any:
-        return _contrastive(spec, rest[0], z1, z2, labels, rest[1], axis_name, block_size)
+    def per_device(axis_name: Any, *args: Any) -> Any:
+        *device_views, device_labels, (device_hyper, device_queue) = args
+        return _contrastive(
+            spec,
+            device_hyper,
+            tuple(device_views),
+            device_labels,
+            device_queue,
+            axis_name,
+            block_size,
+        )
 
-    return on_explicit_mesh(per_device, batch_axes, (z1, z2, labels), (hyper, queue))
+    return on_explicit_mesh(per_device, batch_axes, (*views, labels), (hyper, queue))
 
 
-_contrastive_on_explicit_mesh_jit = jax.jit(_contrastive_on_explicit_mesh, static_argnums=(0, 6, 7))
+_contrastive_on_explicit_mesh_jit = jax.jit(_contrastive_on_explicit_mesh, static_argnums=(0, 5, 6))
 
 
 def run(
     spec: Spec,
     hyper: Hyper,
-    z1: Array,
-    z2: Array,
+    views: tuple[Array, ...],
     labels: Array | None,
     axis_name: Any,
     block_size: int | None,
@@ -347,12 +361,12 @@ def run(
 ) -> Any:
     """The loss of ``spec`` on checked inputs, jitted unless collectives need the caller's trace."""
     if axis_name is None:
-        batch_axes = explicit_batch_axes(z1)
+        batch_axes = explicit_batch_axes(views[0])
         if batch_axes:
             return _contrastive_on_explicit_mesh_jit(
-                spec, hyper, z1, z2, labels, queue, block_size, batch_axes
+                spec, hyper, views, labels, queue, block_size, batch_axes
             )
-        return _contrastive_jit(spec, hyper, z1, z2, labels, queue, None, block_size)
-    check_split(z1, axis_name)
+        return _contrastive_jit(spec, hyper, views, labels, queue, None, block_size)
+    check_split(views[0], axis_name)
     # Collectives need the enclosing pmap's or shard_map's trace; a jit inside would inline.
-    return _contrastive(spec, hyper, z1, z2, labels, queue, axis_name, block_size)
+    return _contrastive(spec, hyper, views, labels, queue, axis_name, block_size)

@@ -10,7 +10,7 @@ primal's type. Under ``jax.pmap`` and ``check_vma=False`` that set is empty: not
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,7 @@ def global_mean(total: Array, count: Array, axis_name: Any) -> Array:
     """
     if axis_name is None:
         return total / lax.stop_gradient(jnp.maximum(count, 1.0))
-    global_total, global_count = lax.psum((total, count), axis_name)
+    global_total, global_count = cast(tuple[Array, Array], lax.psum((total, count), axis_name))
     denom = lax.stop_gradient(jnp.maximum(global_count, 1.0))
     if set(axis_names(axis_name)) & varying_axes(total):
         return global_total / denom
@@ -97,7 +97,7 @@ def explicit_batch_axes(z: Any) -> tuple[Any, ...]:
     """The Explicit mesh axes that shard axis 0 (the batch) of ``z``; () when there are none."""
     sharding = getattr(jax.typeof(z), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not mesh.axis_names or not len(sharding.spec):
+    if sharding is None or mesh is None or not mesh.axis_names or not len(sharding.spec):
         return ()
     types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
     entry = sharding.spec[0]

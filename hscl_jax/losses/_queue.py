@@ -35,9 +35,9 @@ class Queue(NamedTuple):
     What it must hold: the keys of a momentum encoder (an exponential moving average of the
     online network, e.g. ``optax.incremental_update``), not the online network's own
     projections. Filled with the online network's own (detached) projections, the queue let a
-    small digits encoder collapse within 150 steps: every embedding on one point and
-    the loss at that of a fully collapsed batch, ``log(1 + Q)``; the momentum encoder's keys
-    trained normally (``docs/benchmarks.md`` has the measurement and the script, and
+    small digits encoder collapse, every embedding onto one point and the loss to that of a
+    fully collapsed batch, ``log(1 + Q)``, where the momentum encoder's keys trained normally
+    (``docs/benchmarks.md`` has the measurement and the script, and
     ``docs/hardening-and-queue.md`` the guide).
 
     Queue rows are never anchors. As negatives they enter as the batch's views would: the

@@ -4,21 +4,32 @@ loss section of a training config (its options and its check)."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 from absl import logging
 
 from hscl_jax.losses._checks import float32_beta_limit
-from hscl_jax.losses._public import BY_NAME
 from hscl_jax.losses._spec import (
     FLOAT32_BETA_LIMIT_CAP,
     FLOAT32_BETA_LIMIT_PER_INVERSE_TEMPERATURE,
     FLOAT32_GRADIENT_TOLERANCE,
     LOSS_NAMES,
     SUPERVISED_LOSSES,
+    ArrayLike,
+    AxisName,
 )
+from hscl_jax.losses._supervised import hscl, scl, supcon
+from hscl_jax.losses._unsupervised import hucl, ucl
+
+BY_NAME: dict[str, Callable[..., Any]] = {
+    "ucl": ucl,
+    "scl": scl,
+    "hucl": hucl,
+    "hscl": hscl,
+    "supcon": supcon,
+}
 
 
 def _known(name: str) -> None:
@@ -26,11 +37,22 @@ def _known(name: str) -> None:
         raise ValueError(f"unknown loss {name!r}; allowed: {LOSS_NAMES}")
 
 
-def compute(name: str, z1, z2, labels=None, *, axis_name=None, **options):
-    """Dispatches to the loss called ``name`` (one of LOSS_NAMES) with its keyword options.
+def compute(
+    name: str,
+    z1: ArrayLike,
+    z2: ArrayLike | None = None,
+    labels: ArrayLike | None = None,
+    *,
+    axis_name: AxisName = None,
+    **options: Any,
+) -> Any:
+    """Dispatches to the loss called ``name`` (one of LOSS_NAMES) with its keyword options:
+    ``compute("hscl", z1, z2, labels, beta=1.0)``, or ``compute("hscl", z, labels=labels,
+    beta=1.0)`` with one (B, V, d) array of views.
 
     ``labels`` is ignored by the label-free losses (ucl, hucl). An option the loss does not take
-    raises ValueError naming it and the options allowed.
+    raises ValueError naming it and the options allowed. Returns the loss, or (loss, LossAux)
+    with ``return_aux=True``.
     """
     _known(name)
     fn = BY_NAME[name]

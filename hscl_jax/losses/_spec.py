@@ -9,6 +9,11 @@ from typing import Any, NamedTuple
 import jax
 
 Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+# A log-weight of the scaled similarity, elementwise (hardening=).
+LogWeight = Callable[[Array], Array]
+# A mesh or pmap axis name, or a tuple of them.
+AxisName = Any
 
 LOSS_NAMES = ("ucl", "scl", "hucl", "hscl", "supcon")
 SUPERVISED_LOSSES = ("scl", "hscl", "supcon")
@@ -54,8 +59,10 @@ class Spec:
     """
 
     family: str  # "tilted" (UCL/SCL/H-UCL/H-SCL) or "supcon"
-    negatives: str  # "other_class" | "other_views" (not self, not partner) | "not_self"
-    positives: str  # "all" | "partner"
+    negatives: str  # "other_class" | "other_views" (not of the anchor's image) | "not_self"
+    # "all" (same label) | "partner" (the other view, two views per image) | "image" (the other
+    # views of the anchor's image, more than two views per image)
+    positives: str
     tilted: bool = False  # the negatives carry log-weights (beta > 0, "poly", a callable)
     detach_weights: bool = False
     debiased: bool = False  # tau_plus > 0
@@ -67,6 +74,7 @@ class Spec:
     queue: bool = False  # a Queue of extra contrast rows is passed
     queue_as_positives: bool = False
     queue_q: str = "fixed"
+    normalize: bool = False  # L2-normalise the embeddings inside the loss
 
 
 class Hyper(NamedTuple):
