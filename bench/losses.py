@@ -6,8 +6,9 @@
     python bench/losses.py --sizes 2048 --no-memory          # with dense time per hardening
     python bench/losses.py --sizes 512 --hardening-views 0 --no-dense-memory --memory-views 512 \
         --queue-size 65536                 # the queue row: 2B = 512, K = 65,536, blocked
-    git show loss-grad-done:hscl_jax/losses.py > /tmp/old_losses.py
+    git show main:hscl_jax/losses.py > /tmp/old_losses.py    # a one-file version, or the
     python bench/losses.py --sizes 2048 --repeats 15 --compare-losses /tmp/old_losses.py
+    python bench/losses.py --sizes 2048 --compare-losses /path/to/other/hscl_jax/losses  # package
 
 For each 2B (number of views) it prints the median fwd+bwd time of H-SCL (beta = 1, d = 128,
 positives="all") dense and blocked, and the ratio to a bare ``z @ z.T`` forward and backward at the
@@ -28,12 +29,16 @@ found: embeddings collapsed into a cone whose spread of s over the negatives is 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -140,13 +145,35 @@ def _hardening_rows(num_views: int, repeats: int) -> None:
         print(f"  {name:<30} {ms:>8.1f}", flush=True)
 
 
-def _compare_losses(other_path: str, num_views: int, block_size: int, repeats: int) -> None:
-    """H-SCL fwd+bwd of another losses.py (e.g. from ``git show TAG:hscl_jax/losses.py``) and
-    of this one, alternated in one process, so that load on a shared machine hits both alike."""
-    spec = importlib.util.spec_from_file_location("other_losses", other_path)
+def _load_other_losses(path: str, copy_dir: str):
+    """Another version of the losses as a module named ``other_losses``: a one-file losses.py,
+    or a losses package folder, copied with its absolute imports renamed so that they do not
+    resolve to this checkout's package."""
+    if os.path.isdir(path):
+        target = os.path.join(copy_dir, "other_losses")
+        shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
+        for name in os.listdir(target):
+            if name.endswith(".py"):
+                file = os.path.join(target, name)
+                with open(file) as f:
+                    source = f.read().replace("hscl_jax.losses", "other_losses")
+                with open(file, "w") as f:
+                    f.write(source)
+        sys.path.insert(0, copy_dir)
+        return importlib.import_module("other_losses")
+    spec = importlib.util.spec_from_file_location("other_losses", path)
     other = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = other  # dataclasses look their module up there
     spec.loader.exec_module(other)
+    return other
+
+
+def _compare_losses(other_path: str, num_views: int, block_size: int, repeats: int) -> None:
+    """H-SCL fwd+bwd of another version of the losses (e.g. ``git show TAG:hscl_jax/losses.py``)
+    and of this one, alternated in one process, so that load on a shared machine hits both
+    alike."""
+    with tempfile.TemporaryDirectory() as copy_dir:
+        other = _load_other_losses(other_path, copy_dir)
     z1, z2, labels = _batch(num_views)
     fns = {}
     for name, module in (("other", other), ("this", losses)):

@@ -26,6 +26,13 @@ NEWEST=(jax jaxlib flax optax chex orbax-checkpoint ml-collections numpy)
 # scikit-learn.
 TESTS=(
   tests/test_losses.py
+  tests/test_losses_hardening.py
+  tests/test_losses_queue.py
+  tests/test_losses_registry.py
+  tests/test_losses_precision.py
+  tests/test_losses_parallel.py
+  tests/test_losses_multiview.py
+  tests/test_losses_input_checks.py
   tests/test_models.py
   tests/test_theory.py
   tests/test_optim.py

@@ -80,7 +80,7 @@ def test_every_module_has_a_layer():
 
 def later_layer_imports(importer: str, source: str) -> dict[str, int]:
     """The hscl_jax modules ``source`` (module ``importer``) imports from its own or a later layer;
-    a subpackage (data, config) may import its own modules."""
+    a subpackage (config, data, losses) may import its own modules."""
     imported = hscl_imports(source) - {importer}
     return {m: LAYERS[m] for m in imported if LAYERS[m] >= LAYERS[importer]}
 

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hscl_jax import losses
+from hscl_jax.losses import _dense as dense_path
 
 # A copy kept in the repository (tests/golden/README.md says where it comes from): a fresh clone
 # has nothing beside it.
@@ -73,7 +74,7 @@ def _jitted_value_and_grads(name, option_items):
     def run(z1, z2, labels, hyper):
         opts = dict(options)
         # The traced hyper-parameters take the place of the Python ones inside the jit.
-        fn = lambda a, b: losses._BY_NAME[name](  # noqa: E731
+        fn = lambda a, b: getattr(losses, name)(  # noqa: E731
             a, b, *(() if name in ("ucl", "hucl") else (labels,)), **opts, **hyper
         )
         return jax.value_and_grad(fn, argnums=(0, 1))(z1, z2)
@@ -187,7 +188,7 @@ def _all_losses_and_grads(z1, z2, labels, temperature, beta):
         args = () if name in ("ucl", "hucl") else (labels,)
 
         def fn(a, b, name=name, args=args, options=options):
-            return losses._BY_NAME[name](a, b, *args, **options)
+            return getattr(losses, name)(a, b, *args, **options)
 
         out.append(jax.value_and_grad(fn, argnums=(0, 1))(z1, z2))
     return out
@@ -260,7 +261,7 @@ def test_batch_without_valid_anchor_returns_zero_and_says_so():
 @pytest.mark.parametrize("positives", ["all", "partner"])
 @pytest.mark.parametrize("beta", [0.0, 0.7, 3.0])
 def test_hscl_matches_a_direct_numpy_implementation(beta, positives):
-    """Written from SPEC.md with explicit loops, at a temperature the golden file does not cover."""
+    """Written from docs/losses.md with explicit loops, at a temperature the golden file lacks."""
     z1, z2, labels = _random_batch(3, 10, 6, 3)
     t = 0.3
     z = np.concatenate([z1, z2]).astype(np.float64)
@@ -361,7 +362,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
         (lambda z, y: losses.compute("nce", z, z, y), r"unknown loss 'nce'; allowed"),
         (lambda z, y: losses.compute("ucl", z, z, y, beta=1.0), r"does not take option.*beta"),
         (lambda z, y: losses.compute("scl", z, z), r"needs labels"),
-        # hardening (issue #14)
+        # hardening
         (lambda z, y: losses.hscl(z, z, y), r"beta is required with hardening='exp', got None"),
         (lambda z, y: losses.hscl(z, z, y, hardening="poly"), r"beta is required.*'poly'"),
         (
@@ -463,10 +464,10 @@ _DENSE_LOSSES = tuple((n, o) for n, o in _BLOCK_LOSSES if n != "supcon") + (
 def dense_chunks_of_3(monkeypatch, request):
     """Makes the dense path walk 2B = 40 views in chunks of 3 anchors, the last one padded; its
     backward pass gets the similarities from the forward pass or recomputes them."""
-    monkeypatch.setattr(losses, "_CPU_CHUNK_SIMILARITIES", 3 * 40)
-    monkeypatch.setattr(losses, "_MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(dense_path, "CPU_CHUNK_SIMILARITIES", 3 * 40)
+    monkeypatch.setattr(dense_path, "MIN_CHUNK_ROWS", 1)
     if request.param == "similarities_recomputed":
-        monkeypatch.setattr(losses, "_MAX_SAVED_SIMILARITIES", 0)
+        monkeypatch.setattr(dense_path, "MAX_SAVED_SIMILARITIES", 0)
     jax.clear_caches()  # the chunk size is read when a loss is traced
     yield
     jax.clear_caches()
@@ -495,7 +496,7 @@ def test_dense_backward_equals_autodiff(name, options, dense_chunks_of_3):
     np.testing.assert_allclose(concrete[0], blocked, rtol=1e-5)
     chex.assert_trees_all_close(concrete[1], blocked_grads[:2], atol=1e-6, rtol=1e-4)
 
-    if losses._MAX_SAVED_SIMILARITIES == 0:  # then no value holds a (2B)^2 matrix
+    if dense_path.MAX_SAVED_SIMILARITIES == 0:  # then no value holds a (2B)^2 matrix
         grad_z = jax.grad(lambda a, b: fn(a, b, hyper, None), argnums=(0, 1))
         assert _largest_intermediate(jax.make_jaxpr(grad_z)(z1, z2)) < 40 * 40
 

@@ -1,4 +1,4 @@
-"""float32 gradients of the tilted losses against float64, at large beta (issue #10, section 4).
+"""float32 gradients of the tilted losses against float64, at large beta.
 
 Relative error, norm-wise: ``||g32 - g64||_2 / ||g64||_2``, with g the gradients with respect to
 z1 and z2 flattened into one vector, g32 computed from float32 inputs and g64 from the same
@@ -21,8 +21,8 @@ from hscl_jax import losses
 TOLERANCE = 1e-3
 
 
-def _issue_batch(seed: int):
-    """The issue's reproduction: a 16 x 32 random unit batch, labels arange(16) % 4."""
+def _random_unit_batch(seed: int):
+    """A 16 x 32 random unit batch, labels arange(16) % 4."""
     rng = np.random.default_rng(seed)
     z1, z2 = (rng.normal(size=(16, 32)) for _ in range(2))
     z1, z2 = (z / np.linalg.norm(z, axis=1, keepdims=True) for z in (z1, z2))
@@ -66,7 +66,7 @@ def _relative_error(name, z1, z2, labels, beta, temperature, block_size) -> floa
 @example(seed=0, beta=200.0, temperature=0.05, name="hscl")  # 1.2e-2 dense before the fix
 @example(seed=1, beta=50.0, temperature=0.05, name="hscl")  # 1.1e-3 blocked before the fix
 def test_float32_gradients_match_float64_up_to_beta_200(seed, beta, temperature, name):
-    z1, z2, labels = _issue_batch(seed)
+    z1, z2, labels = _random_unit_batch(seed)
     for block_size in (None, 8):
         error = _relative_error(name, z1, z2, labels, beta, temperature, block_size)
         assert error <= TOLERANCE, (block_size, error)

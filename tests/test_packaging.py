@@ -253,7 +253,11 @@ def test_wheel_has_the_version_py_typed_and_only_core_requirements(tmp_path):
         (metadata_name,) = (n for n in names if n.endswith(".dist-info/METADATA"))
         metadata = archive.read(metadata_name).decode()
     assert re.search(r"^Version: (.+)$", metadata, re.M).group(1) == hscl_jax.__version__
-    assert {"hscl_jax/py.typed", "hscl_jax/losses.py", "hscl_jax/data/__init__.py"} <= names
+    assert {
+        "hscl_jax/py.typed",
+        "hscl_jax/losses/__init__.py",
+        "hscl_jax/data/__init__.py",
+    } <= names
     core = [
         line.split(":", 1)[1].strip()
         for line in metadata.splitlines()
