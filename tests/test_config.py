@@ -84,27 +84,6 @@ def test_theory_settings_follow_the_loss_and_bad_values_are_rejected(tiny_digits
             config_lib.validate_config(bad)
 
 
-def test_loss_options_pass_only_what_the_loss_takes(tiny_digits_config):
-    config = tiny_digits_config()
-    config.loss.name = "ucl"
-    assert config_lib.loss_options(config.loss) == {"temperature": 0.5}
-    config.loss.name = "hucl"
-    config.loss.block_size = 64
-    assert config_lib.loss_options(config.loss) == {
-        "temperature": 0.5,
-        "beta": config.loss.beta,
-        "tau_plus": 0.0,
-        "clamp": False,
-        "block_size": 64,
-        "hardening": "exp",
-    }
-    # "topk" takes no beta: the config's beta is not passed with it.
-    config.loss.name, config.loss.hardening, config.loss.top_k = "hscl", "topk", 8
-    options = config_lib.loss_options(config.loss)
-    assert options["top_k"] == 8 and "beta" not in options
-    config_lib.check_loss(config.loss)
-
-
 def test_every_config_file_loads_and_validates(repo_root):
     paths = sorted(glob.glob(os.path.join(repo_root, "configs", "*.py")))
     assert len(paths) >= 6
@@ -208,7 +187,7 @@ def test_a_beta_above_the_float32_limit_warns_with_the_measured_limit(tiny_digit
         "'hscl' were measured within 0.001 of float64 at temperature 0.1"
     )
     config.loss.name = "scl"  # takes no beta: nothing to warn about
-    assert not config_lib.warn_above_float32_beta_limit(config.loss)
+    assert not losses.warn_above_float32_beta_limit(config.loss)
 
 
 def _leaf_paths(tree, prefix=""):

@@ -13,11 +13,9 @@ from hscl_jax.config.checks import (
     check_batch_has_negatives,
     check_data_dir_reachable,
     check_knn,
-    check_loss,
     check_queue,
     check_run,
     validate_config,
-    warn_above_float32_beta_limit,
 )
 from hscl_jax.config.files import (
     RESUME_SENSITIVE,
@@ -30,7 +28,6 @@ from hscl_jax.config.files import (
 from hscl_jax.config.flags import CONFIG_FLAG_HELP, check_config_flags, parse_flags
 from hscl_jax.config.options import (
     QUEUE_LOSS_OPTIONS,
-    loss_options,
     num_devices_for,
     queue_options,
     reference_size_for,
@@ -67,7 +64,6 @@ __all__ = [
     "check_data_dir_reachable",
     "check_field_path",
     "check_knn",
-    "check_loss",
     "check_queue",
     "check_run",
     "config_from_file",
@@ -77,7 +73,6 @@ __all__ = [
     "list_fields",
     "load_config",
     "loss_config",
-    "loss_options",
     "model_config",
     "num_devices_for",
     "optim_config",
@@ -93,5 +88,4 @@ __all__ = [
     "to_json_ready",
     "total_steps_for",
     "validate_config",
-    "warn_above_float32_beta_limit",
 ]

@@ -8,12 +8,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
 from hscl_jax import data, losses, models, optim, theory
-from hscl_jax.config.options import loss_options, num_devices_for
+from hscl_jax.config.options import num_devices_for
 from hscl_jax.config.schema import ConfigError
 
 
@@ -61,47 +59,6 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_loss(loss_config: ml_collections.ConfigDict) -> None:
-    """config.loss (ValueError, one line): the loss validates its own options; it runs once on a
-    toy batch so that a bad option surfaces now rather than at the first step. Warns above the
-    float32 beta limit (:func:`warn_above_float32_beta_limit`)."""
-    if loss_config.name not in losses.LOSS_NAMES:
-        raise ValueError(
-            f"loss.name={loss_config.name!r} is unknown; allowed: {', '.join(losses.LOSS_NAMES)}"
-        )
-    toy = jnp.eye(4, 8)
-    losses.compute(
-        loss_config.name, toy, toy[::-1], jnp.array([0, 1, 0, 1]), **loss_options(loss_config)
-    )
-    warn_above_float32_beta_limit(loss_config)
-
-
-def warn_above_float32_beta_limit(loss_config: ml_collections.ConfigDict) -> bool:
-    """Logs a warning (and returns True) when the loss's beta exceeds the largest beta at which
-    its float32 gradients were measured within FLOAT32_GRADIENT_TOLERANCE of float64
-    (losses.float32_beta_limit); the run still trains: typical batches stay far more accurate."""
-    options = loss_options(loss_config)
-    if "beta" not in options:
-        return False
-    temperature = options.get("temperature", 0.5)
-    limit = losses.float32_beta_limit(temperature)
-    if options["beta"] <= limit:
-        return False
-    logging.warning(
-        "config.loss.beta=%r is above %g, the largest beta at which float32 gradients of %r were "
-        "measured within %g of float64 at temperature %g (losses.float32_beta_limit: "
-        "min(%g * t, %g)); gradients may be inexact",
-        options["beta"],
-        limit,
-        loss_config.name,
-        losses.FLOAT32_GRADIENT_TOLERANCE,
-        temperature,
-        losses.FLOAT32_BETA_LIMIT_PER_INVERSE_TEMPERATURE,
-        losses.FLOAT32_BETA_LIMIT_CAP,
-    )
-    return True
-
-
 def check_knn(knn_config: ml_collections.ConfigDict) -> None:
     """config.knn: the kNN monitor's k, temperature and batch sizes."""
     _positive_int(knn_config, "k", "config.knn")
@@ -142,11 +99,10 @@ def check_across_sections(config: ml_collections.ConfigDict) -> None:
             "devices)",
         )
     check_batch_has_negatives(config)
-    supervised = [name for name in losses.LOSS_NAMES if losses.takes_labels(name)]
     _require(
-        not config.queue.as_positives or config.loss.name in supervised,
+        not config.queue.as_positives or config.loss.name in losses.SUPERVISED_LOSSES,
         f"config.queue.as_positives=True needs labels; config.loss.name={config.loss.name!r} is "
-        f"not one of {', '.join(supervised)}",
+        f"not one of {', '.join(losses.SUPERVISED_LOSSES)}",
     )
     check_data_dir_reachable(config.data)
 
@@ -214,6 +170,8 @@ def _check_section(section: str, check: Callable[..., object], *args: Any) -> No
         raise
     except ValueError as error:
         message = str(error)
+        if message.startswith("config."):
+            raise ConfigError(message) from None
         if message.startswith(f"{section}."):
             raise ConfigError(f"config.{message}") from None
         raise ConfigError(f"config.{section}: {message}") from None
@@ -227,7 +185,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """
     check_run(config)
     _check_section("model", models.model_from_config, config.model)
-    _check_section("loss", check_loss, config.loss)  # losses.check_config once it exists
+    _check_section("loss", losses.check_config, config.loss)
     _check_section("optim", optim.check_config, config.optim)
     _check_section("data", data.dataset_info, config.data.name)  # the rest: trainer.setup
     _check_section("knn", check_knn, config.knn)

@@ -12,27 +12,13 @@ from hscl_jax import data, losses
 from hscl_jax.config.schema import ConfigError
 
 
-def loss_options(loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The options of ``loss_config`` that loss ``loss_config.name`` takes (others are ignored:
-    the config carries every loss's options so baselines are one ``--config.loss.name`` away).
-    ``None`` values (unset placeholders) are left to the loss's default. The one place that
-    decides it: losses.options_from_config replaces its body once the losses package has it."""
-    allowed = set(losses.allowed_options(loss_config.name)) - {"return_aux"}
-    options = {
-        key: value for key, value in loss_config.items() if key in allowed and value is not None
-    }
-    if options.get("hardening") == "topk":
-        options.pop("beta", None)  # the config always carries a beta; "topk" takes none
-    return options
-
-
 def theory_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
     """``{"beta", "temperature"}`` the theory checks use for ``config``, whether or not the
     train-time monitor is on (hscl_jax.analysis uses them on a finished run); unset values follow
     the loss (beta 1.0 for a loss that takes none)."""
     beta = config.theory.beta
     if beta is None:
-        beta = loss_options(config.loss).get("beta", 1.0)
+        beta = losses.options_from_config(config.loss).get("beta", 1.0)
     temperature = config.theory.temperature
     if temperature is None:
         temperature = config.loss.temperature
