@@ -384,7 +384,7 @@ def build_step(config, devices) -> BuiltStep:
     total_steps = config_lib.total_steps_for(config)
     model = models.model_from_config(config.model, bn_axis_name=AXIS_NAME)
     tx, schedule = optim.create_optimizer(config.optim, total_steps)
-    loss_kwargs = config_lib.loss_options(config.loss)
+    loss_kwargs = losses.options_from_config(config.loss)
     theory_kwargs = config_lib.theory_monitor_options(config)
     queue = config_lib.queue_options(config) or {"size": 0, "momentum": None, "loss_kwargs": {}}
     loss_kwargs.update(queue["loss_kwargs"])

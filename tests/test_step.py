@@ -90,7 +90,7 @@ def test_build_step_makes_the_trainers_step_from_a_config(tiny_digits_config):
     devices = jax.local_devices()[:1]
     built = step_lib.build_step(config, devices)
     assert built.total_steps == 3 and built.input_shape == (8, 8, 1)
-    assert built.loss_options == config_lib.loss_options(config.loss)
+    assert built.loss_options == losses.options_from_config(config.loss)
     assert built.theory_options == {"beta": 1.0, "temperature": 0.5}
     assert built.devices == tuple(devices)
     state = step_lib.replicate(built.init_state(), devices)
