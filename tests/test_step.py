@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 from hscl_jax import config as config_lib
-from hscl_jax import models, optim
+from hscl_jax import losses, models, optim
 from hscl_jax import step as step_lib
 
 
