@@ -371,16 +371,9 @@ def check_optim(optim_config) -> None:
 
 
 def check_data(config, total_devices: int) -> None:
-    """config.data names a known dataset; the global batch splits evenly over the devices."""
-    try:
-        data.dataset_info(config.data.name)
-    except (ValueError, KeyError) as error:
-        raise ConfigError(f"config.data.name={config.data.name!r}: {error}") from None
-    _require(
-        config.data.augment_on in data.AUGMENT_ON,
-        f"config.data.augment_on={config.data.augment_on!r} is unknown; allowed: "
-        f"{', '.join(data.AUGMENT_ON)}",
-    )
+    """config.data (the data package's check: DataError); the global batch splits evenly over the
+    devices."""
+    data.check_config(config.data)
     _require(
         config.global_batch_size % total_devices == 0,
         f"config.global_batch_size={config.global_batch_size} is not divisible by the "
@@ -401,7 +394,7 @@ def check_batch_has_negatives(config) -> None:
         f"negatives from {whose}; use a global batch of >= 2 images",
     )
     if supervised:
-        num_classes = data.dataset_info(config.data.name).num_classes
+        num_classes = data.dataset_info(config.data.name, config.data.data_dir).num_classes
         _require(
             num_classes >= 2,
             f"config.data.name={config.data.name!r} has {num_classes} class: supervised loss "
@@ -541,6 +534,8 @@ def check_field_path(config, dotted: str) -> None:
     for part in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict):
             raise ConfigError(f"{prefix} is a value, not a section: it has no field {part!r}")
+        if prefix == "config.data" and part in data.REMOVED_FIELDS:
+            raise ConfigError(data.removed_field_message(part))
         if part not in node:
             raise ConfigError(
                 f"unknown config field {prefix}.{part}; {prefix} has: {', '.join(sorted(node))}"
@@ -563,6 +558,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         saved = json.load(f)
     saved.pop("resolved", None)
+    for field, why in data.REMOVED_FIELDS.items():
+        if saved.get("data", {}).pop(field, None) is not None:
+            logging.warning("%s: ignoring config.data.%s, which was removed: %s", path, field, why)
     return ml_collections.ConfigDict(saved)
 
 

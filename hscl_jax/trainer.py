@@ -296,27 +296,25 @@ class ReferenceMonitor:
     def __init__(self, run: Run):
         config = run.config
         size = config_lib.reference_size_for(config)
-        # Float views and images made on the host: the same ones the device path makes (to
-        # float32 rounding), without a device-augmentation pass for a once-per-run batch.
-        host_data = config.data.copy_and_resolve_references()
-        host_data.augment_on = "host"
         batch = next(
             config_lib.config_errors_from(
                 data.train_iterator,
-                host_data,
+                config.data,
                 global_batch_size=config.global_batch_size,
                 seed=config.data.seed,
                 num_local_devices=1,
             )
         )
-        self._views = np.concatenate([batch["view1"][0], batch["view2"][0]])
+        views = data.augment_views(batch, data.augmentation_for(config.data))
+        self._views = np.concatenate([np.asarray(view[0]) for view in views])
         self._labels = batch["label"][0]
+        preprocess = data.eval_preprocessing(config.data)
         images, labels = [], []
         for eval_batch in data.eval_iterator(
-            host_data, split="train", batch_size=min(size, 1024), num_local_devices=1
+            config.data, split="train", batch_size=min(size, 1024), num_local_devices=1
         ):
             mask = eval_batch["mask"][0]
-            images.append(eval_batch["image"][0][mask])
+            images.append(np.asarray(preprocess(eval_batch["image"][0]))[mask])
             labels.append(eval_batch["label"][0][mask])
             if sum(len(x) for x in labels) >= size:
                 break

@@ -24,6 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # ----------------------------------------------------------------------------- shared fixtures
 # (imported lazily: XLA_FLAGS above must be set before anything imports jax)
 
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,3 +63,14 @@ def tiny_digits_config():
 def repo_root():
     """The checkout's root (where train.py and configs/ are)."""
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def temporary_files_under_pytest_basetemp(tmp_path_factory, monkeypatch):
+    """Every temporary folder made during a test (and by its subprocesses) lies under pytest's
+    base temporary directory, beside the tests' tmp_path: TFDS makes a folder with
+    tempfile.mkdtemp("tfds") whenever it sets up the metadata of a dataset that is not prepared
+    yet, and never removes it."""
+    scratch = str(tmp_path_factory.mktemp("tempfile"))
+    monkeypatch.setattr(tempfile, "tempdir", scratch)
+    monkeypatch.setenv("TMPDIR", scratch)
