@@ -2,7 +2,7 @@
 
     python bench/pipeline.py             # digits (default config) + mock CIFAR-10, this machine
     python bench/pipeline.py --cifar-step=resnet50   # also time the reference CIFAR step
-    python bench/pipeline.py --memory    # peak RSS of a stream, 5,000 vs 100,000 images
+    python bench/pipeline.py --memory    # prepare and stream 5,000 vs 100,000 images: RSS
     python bench/pipeline.py --augment   # augmentation: host parameters vs device (JAX) ops
 
 Measured, each alone on this machine (a pair = one image's two views):
@@ -19,10 +19,13 @@ Measured, each alone on this machine (a pair = one image's two views):
     CPU as in a real run.
 The last line is `ratio pipeline/step: X` for the default digits config (target: X >= 2).
 
-With --memory instead: the peak RSS (VmHWM) of a 50-step SimCLR stream (batch 256) over the
-random_images TFDS dataset (random 64x64x3 PNGs in ArrayRecord files) of 5,000 and of 100,000
-images, each in a fresh process; the last line is `rss_growth_mb: X`, the difference (the
-streaming source holds no split in memory, so X should stay well under 100 MB).
+With --memory instead, for image folders of 5,000 and of 100,000 random 64x64x3 PNGs (written
+once into --cache-dir): `python -m hscl_jax.data.prepare` on the folder (images/s, and its peak
+RSS, VmHWM, without its decoding workers, which hold one chunk of images each), then a 50-step
+SimCLR stream (batch 256) over the prepared dataset (peak RSS), each in a fresh process. The last
+two lines are `prepare_rss_growth_mb: X` and `rss_growth_mb: Y`, the growth from the smaller to
+the larger dataset (neither prepare nor the stream holds a split in memory, so both should stay
+well under 100 MB).
 
 --augment measures, instead, the augmentation's two halves alone, with the process pinned to one
 CPU core (so the figures are per core), at digits, CIFAR and 224 px shape (256 px stored images
@@ -143,13 +146,51 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def image_folder(cache_dir: str, num_examples: int, image_size: int) -> str:
+    """cache_dir/images_<N>x<S>px: N random S x S x 3 PNGs in 10 class folders, written once
+    (100,000 64x64 PNGs: about 1.2 GB)."""
+    import PIL.Image
+
+    root = os.path.join(cache_dir, f"images_{num_examples}x{image_size}px")
+    complete = os.path.join(root, ".complete")
+    if not os.path.exists(complete):
+        rng = np.random.default_rng(0)
+        for index in range(num_examples):
+            folder = os.path.join(root, f"class_{index % 10}")
+            os.makedirs(folder, exist_ok=True)
+            pixels = rng.integers(0, 256, (image_size, image_size, 3), np.uint8)
+            PIL.Image.fromarray(pixels).save(os.path.join(folder, f"{index:06d}.png"))
+        open(complete, "w").close()
+    return root
+
+
+def _dataset_name(num_examples: int, image_size: int) -> str:
+    return f"random_{num_examples}x{image_size}px"
+
+
+def prepare_child(num_examples: int, image_size: int, cache_dir: str) -> None:
+    """Prepares the image folder of `num_examples` with hscl_jax.data.prepare and prints its
+    seconds and this process's peak RSS (the workers decode one chunk of images at a time).
+    Meant to run alone in a fresh process (`--memory-child-prepare`)."""
+    from hscl_jax.data import prepare
+
+    root = image_folder(cache_dir, num_examples, image_size)
+    name = _dataset_name(num_examples, image_size)
+    start = time.perf_counter()
+    args = [f"--image_folder={root}", f"--name={name}", f"--data_dir={cache_dir}/tfds"]
+    status = prepare.main([*args, "--overwrite"])
+    assert status == 0, status
+    print(f"prepare_seconds: {time.perf_counter() - start:.3f}")
+    print(f"peak_rss_mb: {peak_rss_mb():.1f}")
+
+
 def stream_peak_rss(num_examples: int, image_size: int, cache_dir: str, steps: int, batch: int):
-    """Runs `steps` batches of the SimCLR stream over random_images and prints its peak RSS.
+    """Runs `steps` batches of the SimCLR stream over the prepared folder; prints its peak RSS.
 
     Meant to run alone in a fresh process (`--memory-child`), so that VmHWM is this stream's.
     """
-    config = data.default_data_config(f"random_images/{num_examples}x{image_size}px")
-    config.data_dir = cache_dir
+    config = data.default_data_config(_dataset_name(num_examples, image_size))
+    config.data_dir = f"{cache_dir}/tfds"
     stream = data.train_iterator(config, global_batch_size=batch, seed=0, num_local_devices=1)
     for _ in range(steps):
         next(stream)
@@ -158,38 +199,45 @@ def stream_peak_rss(num_examples: int, image_size: int, cache_dir: str, steps: i
 
 
 def memory_benchmark(sizes, image_size: int, cache_dir: str, steps: int, batch: int) -> None:
-    """Peak RSS of the same stream over datasets of `sizes` examples; last line the growth.
-
-    Each dataset is built once into `cache_dir` (100,000 64x64 PNGs: ~10 min, 1.5 GB) and
-    reused; each stream runs in a fresh subprocess.
-    """
+    """Per size: prepare throughput and peak RSS, and the stream's peak RSS, each in a fresh
+    subprocess; then the growth of each peak from the smallest to the largest size."""
     import subprocess
     import sys
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from random_images_builder import prepare_random_images
-
-    peaks = []
-    for num_examples in sizes:
-        prepare_random_images(num_examples, image_size, cache_dir)
-        child = [
+    def child(flag: str, num_examples: int) -> dict[str, float]:
+        command = [
             sys.executable,
             os.path.abspath(__file__),
-            f"--memory-child={num_examples}",
+            f"{flag}={num_examples}",
             f"--image-size={image_size}",
             f"--cache-dir={cache_dir}",
             f"--memory-steps={steps}",
             f"--memory-batch={batch}",
         ]
-        done = subprocess.run(child, capture_output=True, text=True, check=True)
-        peak = float(done.stdout.strip().splitlines()[-1].split(":")[1])
-        peaks.append(peak)
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        figures = {}
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition(": ")
+            if key in ("prepare_seconds", "peak_rss_mb"):
+                figures[key] = float(value)
+        return figures
+
+    prepare_peaks, stream_peaks = [], []
+    for num_examples in sizes:
+        image_folder(cache_dir, num_examples, image_size)
+        prepared = child("--memory-child-prepare", num_examples)
+        stream = child("--memory-child", num_examples)
+        prepare_peaks.append(prepared["peak_rss_mb"])
+        stream_peaks.append(stream["peak_rss_mb"])
         in_memory = num_examples * image_size * image_size * 3 / 2**20
+        rate = num_examples / prepared["prepare_seconds"]
         print(
-            f"random_images {num_examples:>7} x {image_size}x{image_size}x3 (uint8 split: "
-            f"{in_memory:7.0f} MB), {steps} steps of batch {batch}: peak RSS {peak:7.0f} MB"
+            f"images {num_examples:>7} x {image_size}x{image_size}x3 PNG (uint8: {in_memory:6.0f} "
+            f"MB): prepare {rate:7.0f} images/s, peak RSS {prepare_peaks[-1]:6.0f} MB; stream "
+            f"{steps} steps of batch {batch}: peak RSS {stream_peaks[-1]:6.0f} MB"
         )
-    print(f"rss_growth_mb: {peaks[-1] - peaks[0]:.1f}")
+    print(f"prepare_rss_growth_mb: {prepare_peaks[-1] - prepare_peaks[0]:.1f}")
+    print(f"rss_growth_mb: {stream_peaks[-1] - stream_peaks[0]:.1f}")
 
 
 def random_train_batch(aug, batch_size: int, num_classes: int = 10) -> dict:
@@ -299,14 +347,14 @@ def main():
         "--cifar-step",
         default="none",
         help="model whose CIFAR-10 step is also timed: none | resnet18 | resnet50 (the reference; "
-        "on a 2-core CPU it compiles for ~100 s and runs at <1 pair/s)",
+        "slow to compile and to run on a CPU)",
     )
     parser.add_argument("--cifar-step-batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0, help="data.num_workers (0: one per core)")
     parser.add_argument(
         "--memory",
         action="store_true",
-        help="instead: peak RSS of a stream over random_images of --memory-sizes examples",
+        help="instead: prepare and stream image folders of --memory-sizes images (peak RSS)",
     )
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[5_000, 100_000])
     parser.add_argument("--image-size", type=int, default=64)
@@ -315,9 +363,10 @@ def main():
     parser.add_argument(
         "--cache-dir",
         default=os.path.join(tempfile.gettempdir(), "hscl_jax_random_images"),
-        help="TFDS data dir where the random_images datasets are built once and reused",
+        help="where the image folders are written once and reused, and prepared (tfds/)",
     )
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child-prepare", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--augment",
         action="store_true",
@@ -335,6 +384,9 @@ def main():
         augmentation_benchmark(args)
         return
 
+    if args.memory_child_prepare:
+        prepare_child(args.memory_child_prepare, args.image_size, args.cache_dir)
+        return
     if args.memory_child:
         stream_peak_rss(
             args.memory_child, args.image_size, args.cache_dir, args.memory_steps, args.memory_batch

@@ -65,12 +65,13 @@ def repo_root():
     return REPO
 
 
-@pytest.fixture(autouse=True)
-def temporary_files_under_pytest_basetemp(tmp_path_factory, monkeypatch):
-    """Every temporary folder made during a test (and by its subprocesses) lies under pytest's
-    base temporary directory, beside the tests' tmp_path: TFDS makes a folder with
-    tempfile.mkdtemp("tfds") whenever it sets up the metadata of a dataset that is not prepared
-    yet, and never removes it."""
+@pytest.fixture(autouse=True, scope="session")
+def temporary_files_under_pytest_basetemp(tmp_path_factory):
+    """Every temporary folder made during the tests (and by their subprocesses) lies under
+    pytest's base temporary directory: TFDS makes a folder with tempfile.mkdtemp("tfds") whenever
+    it sets up the metadata of a dataset that is not prepared yet, and never removes it."""
     scratch = str(tmp_path_factory.mktemp("tempfile"))
-    monkeypatch.setattr(tempfile, "tempdir", scratch)
-    monkeypatch.setenv("TMPDIR", scratch)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", scratch)
+        patch.setenv("TMPDIR", scratch)
+        yield

@@ -129,6 +129,21 @@ def test_a_config_that_still_sets_a_removed_field_gets_one_line(tmp_path, caplog
     assert line.endswith(f"ignoring config.data.augment_on, which was removed: {why}")
 
 
+def test_the_package_loads_its_modules_on_first_use():
+    script = (
+        "import sys\n"
+        "import hscl_jax.data.prepare\n"
+        "assert 'jax' not in sys.modules, 'preparing data imported JAX'\n"
+        "from hscl_jax import data\n"
+        "assert data.__all__ == sorted(data._EXPORTS)\n"
+        "for name in data.__all__:\n"
+        "    getattr(data, name)\n"
+        "assert data.pipeline.train_iterator is data.train_iterator\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- samplers
 
 
@@ -760,6 +775,69 @@ def test_any_prepared_tfds_dataset_streams_by_name_and_tfrecord_files_are_refuse
         r"--file_format=array_record`",
     ):
         data.train_iterator(config, global_batch_size=16, seed=0)
+
+
+def _write_tfds_dataset(data_dir, name: str, features: dict, examples: dict) -> None:
+    """A TFDS ArrayRecord dataset `name` with these features and {split: [example, ...]}."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import sequential_writer
+
+    version_dir = data_dir / name / "1.0.0"
+    version_dir.mkdir(parents=True)
+    identity = tfds.core.DatasetIdentity(
+        name=name, version=tfds.core.Version("1.0.0"), data_dir=str(version_dir), module_name=""
+    )
+    info = tfds.core.DatasetInfo(builder=identity, features=tfds.features.FeaturesDict(features))
+    writer = sequential_writer.SequentialWriter(info, 100, file_format="array_record")
+    writer.initialize_splits(list(examples))
+    writer.add_examples(examples)
+    writer.close_all()
+
+
+def test_image_and_label_features_are_found_by_type_or_named_in_one_line(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from hscl_jax.data.prepare_sources import png_bytes
+
+    rng = np.random.default_rng(0)
+
+    def examples(count):
+        return [
+            {"picture": png_bytes(rng.integers(0, 256, (6, 6, 1), np.uint8)), "kind": i % 2}
+            for i in range(count)
+        ]
+
+    features = {
+        "picture": tfds.features.Image(shape=(6, 6, 1)),
+        "kind": tfds.features.ClassLabel(names=["odd", "even"]),
+    }
+    _write_tfds_dataset(
+        tmp_path, "shapes", features, {"train": examples(8), "validation": examples(4)}
+    )
+    info = data.dataset_info("shapes", str(tmp_path))
+    assert (info.image_key, info.label_key, info.test_split) == ("picture", "kind", "validation")
+    assert (info.image_size, info.channels, info.grayscale, info.class_names) == (
+        6,
+        1,
+        True,
+        ("odd", "even"),
+    )
+    config = data.default_data_config("shapes")
+    config.data_dir = str(tmp_path)
+    batch = next(data.eval_iterator(config, split="validation", batch_size=4, num_local_devices=1))
+    assert batch["image"].shape == (1, 4, 6, 6, 1)
+    assert batch["label"].ravel().tolist() == [0, 1, 0, 1]
+
+    captions = {"image": tfds.features.Image(shape=(6, 6, 1)), "caption": tfds.features.Text()}
+    rows = [{"image": e["picture"], "caption": "a square"} for e in examples(2)]
+    _write_tfds_dataset(tmp_path, "captions", captions, {"train": rows, "test": rows})
+    with pytest.raises(
+        data.DatasetFormatError,
+        match=r"^Dataset 'captions' in .* has no image feature and class-label feature "
+        r"\(tfds.features.Image and ClassLabel\) to train on; it has: image \(Image\), caption "
+        r"\(Text\)\.$",
+    ):
+        data.dataset_info("captions", str(tmp_path))
 
 
 def test_resize_decode_keeps_the_centre_square_of_the_shorter_side():

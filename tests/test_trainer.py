@@ -364,25 +364,47 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def _train(tmp_path, workdir, *, kill_at=None):
+def _train(tmp_path, workdir, *, kill_at=None, flags=()):
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
     env = _subprocess_env(tmp_path, num_devices=2)
     if kill_at is not None:
         command[1:2] = ["-c", _KILLING_RUNNER]
         env["HSCL_TEST_KILL_AT_STEP"] = str(kill_at)
     return subprocess.run(
-        command + _TINY_FLAGS, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        command + _TINY_FLAGS + list(flags),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
+@pytest.fixture(scope="module")
+def prepared_folder_flags(tmp_path_factory):
+    """configs/default.py's flags for an image folder prepared with hscl_jax.data.prepare."""
+    from image_folders import write_image_folder
+
+    from hscl_jax.data import prepare
+
+    root = tmp_path_factory.mktemp("images")
+    write_image_folder(root, ("ant", "bee", "cow"), per_class=10, side=12)
+    data_dir = tmp_path_factory.mktemp("tfds")
+    args = [f"--image_folder={root}", "--name=farm", f"--data_dir={data_dir}", "--workers=1"]
+    assert prepare.main(args) == 0
+    return ["--config.data.name=farm", f"--config.data.data_dir={data_dir}"]
+
+
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("dataset", ["digits", "prepared image folder"])
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, dataset, request):
+    flags = [] if dataset == "digits" else request.getfixturevalue("prepared_folder_flags")
     reference_dir = str(tmp_path / "uninterrupted")
     killed_dir = str(tmp_path / "killed")
-    result = _train(tmp_path, reference_dir)
+    result = _train(tmp_path, reference_dir, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result = _train(tmp_path, killed_dir, kill_at=6)
+    result = _train(tmp_path, killed_dir, kill_at=6, flags=flags)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoints = os.path.join(killed_dir, "checkpoints")
     # Orbax writes "<step>.orbax-checkpoint-tmp" and renames it to "<step>" once complete; the kill
@@ -394,12 +416,13 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
     shutil.copytree(os.path.join(checkpoints, "4"), partial)
     shutil.rmtree(os.path.join(partial, "state"))
 
-    result = _train(tmp_path, killed_dir)
+    result = _train(tmp_path, killed_dir, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from checkpoint at step {4 if unfinished else 6}" in result.stderr
     # Steps logged by the killed run after its last complete checkpoint are logged once, again.
     assert [r["step"] for r in _read_metrics(killed_dir) if "loss" in r] == [2, 4, 6, 8]
 
+    assert [r["step"] for r in _read_metrics(reference_dir) if "knn_top1" in r] == [8]
     reference = _restore_params(reference_dir, 8)
     resumed = _restore_params(killed_dir, 8)
     for expected, actual in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):

@@ -206,6 +206,21 @@ class BatchIndexer:
         return plan[step_in_epoch]
 
 
+def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """bool (n,): the examples of a fixed, seeded, stratified test split.
+
+    Each class (in sorted order) gives round(test_fraction x its size) of its examples, picked by
+    one generator seeded by `seed`, and keeps at least one for training.
+    """
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        num_test = min(int(round(test_fraction * len(members))), len(members) - 1)
+        is_test[rng.permutation(members)[:num_test]] = True
+    return is_test
+
+
 def steps_per_epoch_for(num_examples: int, batch_size: int) -> int:
     """Full global batches per epoch (the last partial batch is dropped)."""
     if batch_size < 1:
