@@ -780,7 +780,6 @@ def test_any_prepared_tfds_dataset_streams_by_name_and_tfrecord_files_are_refuse
 def _write_tfds_dataset(data_dir, name: str, features: dict, examples: dict) -> None:
     """A TFDS ArrayRecord dataset `name` with these features and {split: [example, ...]}."""
     import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import sequential_writer
 
     version_dir = data_dir / name / "1.0.0"
     version_dir.mkdir(parents=True)
@@ -788,7 +787,7 @@ def _write_tfds_dataset(data_dir, name: str, features: dict, examples: dict) -> 
         name=name, version=tfds.core.Version("1.0.0"), data_dir=str(version_dir), module_name=""
     )
     info = tfds.core.DatasetInfo(builder=identity, features=tfds.features.FeaturesDict(features))
-    writer = sequential_writer.SequentialWriter(info, 100, file_format="array_record")
+    writer = tfds.core.SequentialWriter(info, 100, file_format="array_record")
     writer.initialize_splits(list(examples))
     writer.add_examples(examples)
     writer.close_all()
@@ -834,8 +833,8 @@ def test_image_and_label_features_are_found_by_type_or_named_in_one_line(tmp_pat
     with pytest.raises(
         data.DatasetFormatError,
         match=r"^Dataset 'captions' in .* has no image feature and class-label feature "
-        r"\(tfds.features.Image and ClassLabel\) to train on; it has: image \(Image\), caption "
-        r"\(Text\)\.$",
+        r"\(tfds.features.Image and ClassLabel\) to train on; it has: caption \(Text\), image "
+        r"\(Image\)\.$",
     ):
         data.dataset_info("captions", str(tmp_path))
 

@@ -215,6 +215,8 @@ def test_npz_arrays_with_labels_not_0_to_k_are_remapped_and_say_so(tmp_path):
     )
     info = data.dataset_info("arrays", str(tmp_path / "tfds"))
     assert info.class_names == ("3", "7", "9", "11") and info.channels == 1
+    metadata = (tmp_path / "tfds" / "arrays" / "1.0.0" / "metadata.json").read_text()
+    assert '"label_values": [3, 7, 9, 11]' in metadata
     stored, stored_labels = _split_images(_config("arrays", tmp_path / "tfds"), "train")
     assert len(stored) == 32
     for image, label in zip(stored, stored_labels, strict=True):

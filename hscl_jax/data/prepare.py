@@ -68,8 +68,9 @@ class Layout:
     crop_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    # Image folders: per image, "L" or "RGB" when its file is stored as it is in that mode.
-    file_modes: tuple[str, ...] | None = None
+    # Image folders: per image, the index in FILE_MODES of the mode its file is stored in as it
+    # is (0: converted).
+    file_modes: np.ndarray | None = None
 
 
 def _progress(total: int, description: str):
@@ -185,9 +186,9 @@ def _sizes(source, heights, widths, image_size: int, crop_size: int) -> tuple[in
 def _inspect_folder(source, is_test, options, pool: _Pool) -> Layout:
     """Decodes every image (one line naming the first that fails) and derives the layout."""
     count = len(source.examples)
-    heights = np.empty(count, np.int64)
-    widths = np.empty(count, np.int64)
-    modes = []
+    heights = np.empty(count, np.int32)
+    widths = np.empty(count, np.int32)
+    modes = np.zeros(count, np.int8)
     all_gray = True
     sums = {1: np.zeros((2, 1)), 3: np.zeros((2, 3))}
     position = 0
@@ -198,7 +199,7 @@ def _inspect_folder(source, is_test, options, pool: _Pool) -> Layout:
                     raise DataError(f"cannot read image {result[1]}: {result[2]}")
                 _, heights[position], widths[position], mode, moments = result
                 gray = moments.shape[1] == 1
-                modes.append(mode)
+                modes[position] = prepare_sources.FILE_MODES.index(mode)
                 all_gray &= gray
                 if not is_test[position]:
                     sums[3] += moments  # one channel broadcasts over three: R = G = B
@@ -211,7 +212,7 @@ def _inspect_folder(source, is_test, options, pool: _Pool) -> Layout:
         source, heights, widths, options.image_size, options.crop_size
     )
     mean, std = _mean_and_std(sums[channels], int((~is_test).sum()))
-    return Layout(image_size, variable, channels, crop, mean, std, tuple(modes))
+    return Layout(image_size, variable, channels, crop, mean, std, modes)
 
 
 def _inspect_npz(source, images, is_test, options) -> Layout:
@@ -237,7 +238,8 @@ def _inspect_npz(source, images, is_test, options) -> Layout:
 def _encoded_examples(source, images, layout: Layout, split_rows: np.ndarray, pool: _Pool):
     """The encoded images of the examples at `split_rows` (sorted), in order."""
     if source.kind == "folder":
-        paths = ((source.examples[i], layout.file_modes[i]) for i in split_rows)
+        modes = prepare_sources.FILE_MODES
+        paths = ((source.examples[i], modes[layout.file_modes[i]]) for i in split_rows)
         encode = functools.partial(prepare_sources.encode_images_chunk, channels=layout.channels)
         chunks = _chunks(paths)
     else:
@@ -268,6 +270,8 @@ def _metadata(source, layout: Layout, is_test_described: str) -> dict:
         "source": f"{source.kind} {os.path.abspath(source.path)}",
         "test_split": is_test_described,
     }
+    if source.label_values is not None:
+        metadata["label_values"] = source.label_values
     if source.note:
         metadata["note"] = source.note
     return metadata
@@ -276,7 +280,6 @@ def _metadata(source, layout: Layout, is_test_described: str) -> dict:
 def _write(source, images, layout, is_test, version_dir: str, name: str, metadata, pool: _Pool):
     """Writes the dataset as ArrayRecord files into `version_dir`, one example at a time."""
     import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import sequential_writer
 
     side = None if layout.variable_size else layout.image_size
     features = tfds.features.FeaturesDict(
@@ -299,7 +302,7 @@ def _write(source, images, layout, is_test, version_dir: str, name: str, metadat
         disable_shuffling=True,
     )
     os.makedirs(version_dir)
-    writer = sequential_writer.SequentialWriter(
+    writer = tfds.core.SequentialWriter(
         ds_info=info, max_examples_per_shard=_EXAMPLES_PER_SHARD, file_format="array_record"
     )
     writer.initialize_splits(["train", "test"])

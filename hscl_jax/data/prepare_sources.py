@@ -9,6 +9,7 @@ than a chunk of images, however many the source has.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import io
 import os
@@ -25,13 +26,15 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 SPLIT_FOLDERS = ("train", "test", "validation", "val")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# The modes a file is stored in as it is ("": converted first).
+FILE_MODES = ("", "L", "RGB")
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     """The examples of a source in a fixed order, with int64 labels 0..K-1 and the class names;
     `split_is_test` marks the examples of a test split the source itself defines (None: make
-    one)."""
+    one); `label_values` the source's own label of each class, when it is not 0..K-1."""
 
     kind: str  # "folder" or "npz"
     path: str
@@ -41,25 +44,45 @@ class Source:
     split_is_test: np.ndarray | None = None
     skipped_files: int = 0
     note: str = ""
+    label_values: list[int] | None = None
 
 
 def _sorted_dirs(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _class_files(class_dir: str) -> tuple[list[str], int]:
-    """Image files below `class_dir` (any depth, sorted) and the count of other files."""
-    images, skipped = [], 0
+class PathList(Sequence):
+    """Paths of files below `root`, kept as one byte string of the paths relative to it and an
+    offset per path: a few dozen bytes per file, where a list of str takes several times that
+    (a folder may hold millions of images)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.join(root, "")
+        self._blob = bytearray()
+        self._offsets = array.array("q", [0])
+
+    def append(self, path: str) -> None:
+        relative = path[len(self.root) :] if path.startswith(self.root) else path
+        self._blob += os.fsencode(relative)
+        self._offsets.append(len(self._blob))
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        relative = bytes(self._blob[self._offsets[index] : self._offsets[index + 1]])
+        return os.path.join(self.root, os.fsdecode(relative))
+
+
+def _class_files(class_dir: str) -> Iterator[str]:
+    """Image files below `class_dir` (any depth, sorted), then None for each other file."""
     for folder, dirs, files in os.walk(class_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith("."):
                 continue
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(os.path.join(folder, name))
-            else:
-                skipped += 1
-    return images, skipped
+            image = name.lower().endswith(IMAGE_EXTENSIONS)
+            yield os.path.join(folder, name) if image else None
 
 
 def scan_image_folder(root: str) -> Source:
@@ -83,21 +106,23 @@ def scan_image_folder(root: str) -> Source:
     else:
         split_dirs = {"train": root}
     class_names = sorted({c for path in split_dirs.values() for c in _sorted_dirs(path)})
-    examples, labels, is_test, skipped = [], [], [], 0
+    examples, labels, is_test, skipped = PathList(root), array.array("q"), array.array("b"), 0
     for split, split_dir in split_dirs.items():
         for label, class_name in enumerate(class_names):
             class_dir = os.path.join(split_dir, class_name)
-            files, other = _class_files(class_dir) if os.path.isdir(class_dir) else ([], 0)
-            examples += files
-            labels += [label] * len(files)
-            is_test += [split == "test"] * len(files)
-            skipped += other
-    if not examples:
+            for path in _class_files(class_dir) if os.path.isdir(class_dir) else ():
+                if path is None:
+                    skipped += 1
+                    continue
+                examples.append(path)
+                labels.append(label)
+                is_test.append(split == "test")
+    if not len(examples):
         raise DataError(
             f"{root} holds no PNG or JPEG images in class folders (ROOT/<class>/<image> or "
             f"ROOT/<split>/<class>/<image>)."
         )
-    labels = np.asarray(labels, np.int64)
+    labels = np.frombuffer(labels, np.int64)
     present = [class_names[label] for label in np.unique(labels)]
     if len(present) < 2:
         raise DataError(
@@ -110,7 +135,7 @@ def scan_image_folder(root: str) -> Source:
         examples=examples,
         labels=labels,
         class_names=tuple(class_names),
-        split_is_test=np.asarray(is_test) if "test" in split_dirs else None,
+        split_is_test=np.asarray(is_test, bool) if "test" in split_dirs else None,
         skipped_files=skipped,
     )
 
@@ -288,5 +313,6 @@ def scan_npz(path: str) -> tuple[Source, NpzImages]:
         labels=mapped.astype(np.int64),
         class_names=tuple(str(v) for v in values),
         note=note,
+        label_values=[int(v) for v in values] if note else None,
     )
     return source, NpzImages(path, members["images"], tuple(shape), offset)

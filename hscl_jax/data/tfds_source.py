@@ -97,8 +97,9 @@ def _builder(info: DatasetInfo, data_dir: str | None):
 
 
 def _feature_key(features, feature_type, preferred: str) -> str | None:
-    """`preferred` if it is a feature of `feature_type`, else the first such feature, else None."""
-    keys = [key for key, feature in features.items() if isinstance(feature, feature_type)]
+    """`preferred` if it is a feature of `feature_type`, else the first such feature by name, else
+    None."""
+    keys = sorted(key for key, feature in features.items() if isinstance(feature, feature_type))
     return preferred if preferred in keys else (keys[0] if keys else None)
 
 
@@ -111,7 +112,7 @@ def _info_from_builder(name: str, builder) -> DatasetInfo:
     image_key = _feature_key(features, tfds.features.Image, "image")
     label_key = _feature_key(features, tfds.features.ClassLabel, "label")
     if image_key is None or label_key is None:
-        have = ", ".join(f"{key} ({type(feature).__name__})" for key, feature in features.items())
+        have = ", ".join(f"{key} ({type(features[key]).__name__})" for key in sorted(features))
         raise DatasetFormatError(
             f"Dataset {name!r} in {builder.data_path} has no image feature and class-label "
             f"feature (tfds.features.Image and ClassLabel) to train on; it has: {have}."
