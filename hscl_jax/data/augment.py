@@ -250,7 +250,7 @@ def train_batch(
 
 
 @functools.partial(jax.jit, static_argnames=("info", "image_size"))
-def eval_images(images, info: DatasetInfo, image_size: int = 0) -> jax.Array:
+def eval_images(images: jax.Array, info: DatasetInfo, image_size: int = 0) -> jax.Array:
     """uint8 (..., b, H, W, C) -> float32 normalised, resized (antialiased bilinear) to
     image_size x image_size when it is set and differs from the stored size."""
     leading = _check_images(images, info.image_size, info.channels, "evaluation preprocessing")

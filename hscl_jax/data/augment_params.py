@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hscl_jax.data.errors import DataError
 from hscl_jax.data.info import DatasetInfo
 from hscl_jax.data.samplers import AUGMENT_STREAM
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
 
 # torchvision's RandomResizedCrop tries this many (area, ratio) draws before a centre crop.
 _CROP_ATTEMPTS = 10
@@ -134,7 +139,7 @@ def blur_kernel_size(fraction: float, crop_size: int) -> int:
     return size if size % 2 else size + 1
 
 
-def augmentation_settings(config, info: DatasetInfo) -> dict:
+def augmentation_settings(config: ConfigDict | Mapping, info: DatasetInfo) -> dict:
     """The op settings `config` (an `augmentation` ConfigDict) asks for on `info`'s dataset: its
     preset's (None: the dataset's own, `DatasetInfo.augmentation_preset`) with every field that
     `config` sets (not None) in place of the preset's."""
@@ -153,7 +158,7 @@ def augmentation_settings(config, info: DatasetInfo) -> dict:
     return settings
 
 
-def resolve_augmentation(config, info: DatasetInfo) -> Augmentation:
+def resolve_augmentation(config: ConfigDict | Mapping, info: DatasetInfo) -> Augmentation:
     """Validates an `augmentation` ConfigDict against a dataset and returns its `Augmentation`."""
     s = augmentation_settings(config, info)
     jitter = bool(s["color_jitter"])

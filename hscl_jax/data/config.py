@@ -126,7 +126,7 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     )
 
 
-def check_config(data_config) -> DatasetInfo:
+def check_config(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     """Checks a whole `config.data` (DataError, one line, on the first bad value) and returns
     its dataset's metadata. Reads the dataset's metadata, not its examples."""
     for field in REMOVED_FIELDS:
@@ -153,14 +153,14 @@ def check_config(data_config) -> DatasetInfo:
     return info
 
 
-def augmentation_for(data_config) -> Augmentation:
+def augmentation_for(data_config: ml_collections.ConfigDict) -> Augmentation:
     """The static augmentation `config.data` asks for, bound to its dataset (for
     `augment.augment_views`; the train step is built with it)."""
     info = dataset_info(data_config.name, data_config.get("data_dir"))
     return resolve_augmentation(data_config.augmentation, info)
 
 
-def eval_preprocessing(data_config) -> Callable:
+def eval_preprocessing(data_config: ml_collections.ConfigDict) -> Callable:
     """uint8 (..., b, H, W, C) eval images -> float32 normalised ones (resized to
     `eval_image_size` when set): `augment.eval_images` bound to `config.data`. Pure and
     jit-compiled; map it over devices as the encoder is."""
