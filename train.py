@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hscl_jax import checkpoints, distributed, locks, metrics, preemption, trainer
+from hscl_jax import checkpoints, data, distributed, locks, metrics, preemption, trainer
 from hscl_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,6 +54,7 @@ def main(argv):
         sys.exit(preemption.EXIT_STATUS)
     except (
         config_lib.ConfigError,
+        data.DataError,
         metrics.WorkdirError,
         FloatingPointError,
         FileNotFoundError,

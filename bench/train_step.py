@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from hscl_jax import checkpoints, losses, models
+from hscl_jax import checkpoints, data, losses, models
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
 
@@ -73,19 +73,15 @@ def bench_case(name: str, batch: int, steps: int, dtype: str, loss_name: str, be
     config.loss.name = loss_name
     config.loss.beta = beta
     config.num_steps = steps
-    # Ready float views in: this times encoder + loss + update; device augmentation's cost is
-    # measured on its own by bench/pipeline.py --augment.
-    config.data.augment_on = "host"
+    # The step augments its batch first (bench/pipeline.py --augment measures that part alone).
     built = step_lib.build_step(config, devices)
-    step, shape = built.train_step, built.input_shape
+    step = built.train_step
     replicated = step_lib.replicate(built.init_state(), devices)
     rng = np.random.default_rng(0)
-    batch_arrays = {
-        "view1": rng.normal(size=(1, batch, *shape)).astype(np.float32),
-        "view2": rng.normal(size=(1, batch, *shape)).astype(np.float32),
-        "label": rng.integers(0, 10, size=(1, batch)).astype(np.int32),
-    }
-    batch_arrays = jax.device_put(batch_arrays, devices[0])
+    aug = data.augmentation_for(config.data)
+    images = rng.integers(0, 256, size=(batch, aug.image_size, aug.image_size, aug.channels))
+    batch_arrays = data.train_batch(images.astype(np.uint8), rng.integers(0, 10, batch), aug)
+    batch_arrays = jax.device_put(jax.tree.map(lambda x: x[None], batch_arrays), devices[0])
     loss_kwargs = built.loss_options
 
     start = time.perf_counter()

@@ -132,10 +132,13 @@ def _training_batches(config, *, batch_size: int, num_batches: int) -> list[dict
         start_step=0,
         num_local_devices=1,
     )
+    augmentation = data.augmentation_for(config.data)
     batches = []
     for _ in range(num_batches):
-        batch = data.stream_views(next(stream), config.data)
-        batches.append({k: np.asarray(v)[0] for k, v in batch.items()})
+        batch = next(stream)
+        view1, view2 = data.augment_views(batch, augmentation)
+        views = {"view1": np.asarray(view1[0]), "view2": np.asarray(view2[0])}
+        batches.append({**views, "label": batch["label"][0]})
     close = getattr(stream, "close", None)
     if close is not None:
         close()
@@ -149,7 +152,7 @@ def _test_embeddings(config, model, variables, *, max_examples: int, batch_size:
         features.make_feature_fn(model, devices),
         step_lib.replicate(variables, devices),
         config.data,
-        data.dataset_info(config.data.name).test_split,
+        data.dataset_info(config.data.name, config.data.data_dir).test_split,
         batch_size=batch_size,
         num_local_devices=1,
         max_examples=max_examples,

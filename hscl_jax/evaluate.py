@@ -287,7 +287,7 @@ def ridge_probe(
 
 def _train_and_test_features(config, feature_fn, replicated_variables, num_local_devices):
     """(train features, train labels, test features, test labels) of config.data's dataset."""
-    info = data.dataset_info(config.data.name)
+    info = data.dataset_info(config.data.name, config.data.data_dir)
     return tuple(
         array
         for split in (info.train_split, info.test_split)
@@ -308,7 +308,7 @@ def _knn_with_config(config, train_x, train_y, test_x, test_y) -> dict[str, floa
         train_y,
         test_x,
         test_y,
-        num_classes=data.dataset_info(config.data.name).num_classes,
+        num_classes=data.dataset_info(config.data.name, config.data.data_dir).num_classes,
         k=config.knn.k,
         temperature=float(config.knn.temperature),
         test_chunk_size=config.knn.test_chunk_size,
@@ -350,7 +350,7 @@ def evaluate_workdir(
     devices = jax.local_devices()[:1]
     feature_fn = features.make_feature_fn(model, devices)
     replicated = step_lib.replicate(variables, devices)
-    info = data.dataset_info(config.data.name)
+    info = data.dataset_info(config.data.name, config.data.data_dir)
     train_x, train_y, test_x, test_y = _train_and_test_features(config, feature_fn, replicated, 1)
     common = dict(num_classes=info.num_classes)
     results = {

@@ -86,13 +86,10 @@ def split_features(
     batches = data.eval_iterator(
         data_config, split=split, batch_size=batch_size, num_local_devices=num_local_devices
     )
-    # augment_on="device": the stream holds uint8 images, preprocessed here on the devices.
-    preprocess = data.device_eval_preprocess(data_config, jax.local_devices()[:num_local_devices])
-    images_ready = (
-        batches
-        if preprocess is None
-        else ({**batch, "image": preprocess(batch["image"])} for batch in batches)
-    )
+    # The stream holds uint8 images, preprocessed here on the devices.
+    devices = jax.local_devices()[:num_local_devices]
+    preprocess = jax.pmap(data.eval_preprocessing(data_config), devices=devices)
+    images_ready = ({**batch, "image": preprocess(batch["image"])} for batch in batches)
     try:
         features, labels = compute_features(
             feature_fn, replicated_variables, images_ready, max_examples=max_examples

@@ -152,14 +152,14 @@ def train_step(
     loss_kwargs: dict[str, Any],
     axis_name: str = AXIS_NAME,
     theory_kwargs: dict[str, float] | None = None,
-    prepare_batch: Callable | None = None,
+    augmentation: data.Augmentation,
     queue_momentum: float | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on this device's share of the global batch.
 
-    ``batch``: {"view1", "view2": (b, H, W, C), "label": (b,)}, or what ``prepare_batch`` turns
-    into that on the device first (device augmentation: data.device_augmentation's function of
-    uint8 images and augmentation parameters). Must run inside a mapped context
+    ``batch``: the training-batch layout of hscl_jax.data ({"image": uint8 (b, H, W, C),
+    "view1_params", "view2_params", "label": (b,)}); the step first makes the two views with
+    ``data.augment_views(batch, augmentation)``. Must run inside a mapped context
     (pmap or shard_map) binding ``axis_name``; ``model`` must use ``bn_axis_name=axis_name``.
     A step whose loss or gradient is not finite leaves params, BatchNorm statistics and optimizer
     state unchanged (the step counter still advances) and reports ``finite = 0``.
@@ -175,11 +175,10 @@ def train_step(
     only); then the global batch's keys and labels are enqueued. Every device computes the same
     all-gathered keys, so the replicated queues stay identical.
     """
-    if prepare_batch is not None:
-        batch = prepare_batch(batch)
-    num_images = batch["view1"].shape[0]
+    view1, view2 = data.augment_views(batch, augmentation)
+    num_images = view1.shape[0]
     # One forward pass over both views: BatchNorm sees (and syncs) the statistics of all 2b views.
-    images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    images = jnp.concatenate([view1, view2], axis=0)
     queue_kwargs = {}
     if state.queue is not None:
         momentum_variables = momentum_update(
@@ -190,9 +189,7 @@ def train_step(
         # Train mode, as the online pass: BatchNorm normalises with the (global) batch's
         # statistics; the running statistics of the key pass are not kept (those of the
         # momentum model are the EMA of the online ones).
-        (_, keys), _ = model.apply(
-            momentum_variables, batch["view2"], train=True, mutable=["batch_stats"]
-        )
+        (_, keys), _ = model.apply(momentum_variables, view2, train=True, mutable=["batch_stats"])
         keys = lax.stop_gradient(keys.astype(jnp.float32))
         queue_kwargs["queue"] = loss_queue(state.queue)
 
@@ -257,7 +254,7 @@ def train_step(
     return new_state, metrics
 
 
-def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch, queue_momentum=None):
+def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, augmentation, queue_momentum=None):
     # Without a queue the partial is exactly the one built before queues existed (no new keyword):
     # the compiled step stays unchanged (tests/test_queue.py compares the HLO).
     extra = {} if queue_momentum is None else {"queue_momentum": float(queue_momentum)}
@@ -269,7 +266,7 @@ def _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch, qu
         loss_kwargs=dict(loss_kwargs),
         axis_name=AXIS_NAME,
         theory_kwargs=None if theory_kwargs is None else dict(theory_kwargs),
-        prepare_batch=prepare_batch,
+        augmentation=augmentation,
         **extra,
     )
 
@@ -301,18 +298,18 @@ def make_pmap_train_step(
     loss_kwargs,
     devices=None,
     *,
+    augmentation,
     theory_kwargs=None,
-    prepare_batch=None,
     queue_momentum=None,
 ) -> Callable:
     """``train_step`` under ``jax.pmap(axis_name=AXIS_NAME)``: replicated state, (D, b, ...) batch.
 
-    The state argument is donated (its buffers are reused for the new state). ``theory_kwargs``,
-    ``prepare_batch`` and ``queue_momentum`` (needed when the state holds a queue): see
+    The state argument is donated (its buffers are reused for the new state). ``augmentation``,
+    ``theory_kwargs`` and ``queue_momentum`` (needed when the state holds a queue): see
     :func:`train_step`.
     """
     return jax.pmap(
-        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch, queue_momentum),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, augmentation, queue_momentum),
         axis_name=AXIS_NAME,
         devices=devices,
         donate_argnums=(0,),
@@ -326,8 +323,8 @@ def make_shard_map_train_step(
     loss_kwargs,
     mesh,
     *,
+    augmentation,
     theory_kwargs=None,
-    prepare_batch=None,
     queue_momentum=None,
 ) -> Callable:
     """The same ``train_step`` under ``jax.shard_map`` over a 1-D mesh with axis AXIS_NAME.
@@ -339,7 +336,7 @@ def make_shard_map_train_step(
 
     replicated, sharded = PartitionSpec(), PartitionSpec(AXIS_NAME)
     mapped = jax.shard_map(
-        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, prepare_batch, queue_momentum),
+        _step_fn(model, tx, loss_name, loss_kwargs, theory_kwargs, augmentation, queue_momentum),
         mesh=mesh,
         in_specs=(replicated, sharded),
         out_specs=(replicated, replicated),
@@ -380,7 +377,7 @@ def build_step(config, devices) -> BuiltStep:
 
     ``config`` is assumed valid (config.validate_config); a bad data config raises ConfigError.
     """
-    info = data.dataset_info(config.data.name)
+    info = data.dataset_info(config.data.name, config.data.data_dir)
     total_steps = config_lib.total_steps_for(config)
     model = models.model_from_config(config.model, bn_axis_name=AXIS_NAME)
     tx, schedule = optim.create_optimizer(config.optim, total_steps)
@@ -394,8 +391,8 @@ def build_step(config, devices) -> BuiltStep:
         config.loss.name,
         loss_kwargs,
         devices,
+        augmentation=data.augmentation_for(config.data),
         theory_kwargs=theory_kwargs,
-        prepare_batch=data.device_augmentation(config.data),
         queue_momentum=queue["momentum"],
     )
     return BuiltStep(

@@ -24,6 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # ----------------------------------------------------------------------------- shared fixtures
 # (imported lazily: XLA_FLAGS above must be set before anything imports jax)
 
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,19 +65,13 @@ def repo_root():
     return REPO
 
 
-@pytest.fixture(scope="session", autouse=True)
-def temporary_folders_under_pytest_basetemp(tmp_path_factory):
-    """What asks ``tempfile`` for a folder, in this process or a subprocess (TFDS makes one, and
-    never removes it, whenever a dataset builder opens a data_dir where the dataset is not
-    prepared yet), gets it under pytest's own temporary directory instead of /tmp."""
-    import tempfile
-
-    folder = str(tmp_path_factory.mktemp("tempfile"))
-    saved = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = folder
-    yield folder
-    tempfile.tempdir = saved[0]
-    if saved[1] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved[1]
+@pytest.fixture(autouse=True, scope="session")
+def temporary_files_under_pytest_basetemp(tmp_path_factory):
+    """Every temporary folder made during the tests (and by their subprocesses) lies under
+    pytest's base temporary directory: TFDS makes a folder with tempfile.mkdtemp("tfds") whenever
+    it sets up the metadata of a dataset that is not prepared yet, and never removes it."""
+    scratch = str(tmp_path_factory.mktemp("tempfile"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", scratch)
+        patch.setenv("TMPDIR", scratch)
+        yield

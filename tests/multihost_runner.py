@@ -32,11 +32,11 @@ _writes: list[str] = []
 
 
 _split_of_records: dict[int, str] = {}
-_open_tfds = pipeline._open_tfds
+_open_split = pipeline._open_split
 
 
-def _recording_open_tfds(info, data_config, split):
-    records, decode = _open_tfds(info, data_config, split)
+def _recording_open_split(info, data_config, split):
+    records, decode = _open_split(info, data_config, split)
     _split_of_records[id(records)] = split
     return records, decode
 
@@ -54,7 +54,7 @@ def _recording_read_examples(records, indices, decode=None):
 
 # The pipeline reads a process's slice of a batch through these two (decoding in this process:
 # the tiny configs keep data.decode_workers at 0).
-pipeline._open_tfds = _recording_open_tfds
+pipeline._open_split = _recording_open_split
 grain_source.read_examples = _recording_read_examples
 
 

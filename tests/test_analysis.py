@@ -114,9 +114,9 @@ def test_cli_over_checkpoints_of_a_tiny_run(tmp_path):
     assert rows[0]["hscl"] != rows[1]["hscl"]
     # The step-2 row is the monitor on the run's first training batch, embedded as in training.
     batch = next(data.train_iterator(config.data, global_batch_size=8, seed=0, num_local_devices=1))
-    batch = data.stream_views(batch, config.data)
+    views = data.augment_views(batch, data.augmentation_for(config.data))
     variables = checkpoints.restore_variables(workdir, 2)
-    images = np.concatenate([batch["view1"][0], batch["view2"][0]])
+    images = np.concatenate([np.asarray(view[0]) for view in views])
     (_, z), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
     expected = theory.theory_metrics(z[:8], z[8:], batch["label"][0], beta=2.0)
     for key in theory.THEORY_KEYS:

@@ -1,5 +1,6 @@
-"""Smoke test of `bench/pipeline.py --memory` at toy sizes: it prints a peak RSS row per dataset
-size and ends with `rss_growth_mb: X` (the figure itself belongs to bench/, not to tests)."""
+"""Smoke test of `bench/pipeline.py --memory` at toy sizes: it prints a row per dataset size
+(prepare images/s and peak RSS, stream peak RSS) and ends with the growth of both peaks (the
+figures themselves belong to bench/, not to tests)."""
 
 import pathlib
 import re
@@ -35,6 +36,10 @@ def test_memory_benchmark_prints_a_row_per_size_and_the_growth_last(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     for size in (48, 96):
-        row = rf"^random_images\s+{size} x 16x16x3 .* 2 steps of batch 16: peak RSS\s+{NUMBER} MB$"
+        row = (
+            rf"^images\s+{size} x 16x16x3 PNG .*: prepare\s+{NUMBER} images/s, peak RSS\s+{NUMBER} "
+            rf"MB; stream 2 steps of batch 16: peak RSS\s+{NUMBER} MB$"
+        )
         assert any(re.match(row, line) for line in lines), done.stdout
+    assert re.fullmatch(rf"prepare_rss_growth_mb: {NUMBER}", lines[-2]), done.stdout
     assert re.fullmatch(rf"rss_growth_mb: {NUMBER}", lines[-1]), done.stdout

@@ -139,8 +139,10 @@ def test_each_process_reads_only_its_slice_of_every_global_batch(runs):
     config = config_lib.load_config(runs["two"])
     info = data.dataset_info("digits")
     assert config.data.sampler == "shuffle"  # the plan needs no labels
-    num_train = data.pipeline._num_examples(info, config.data, "train")
-    indexer = data.pipeline._indexer(config.data, num_train, None, GLOBAL_BATCH, config.data.seed)
+    num_train = len(data.pipeline._open_split(info, config.data, "train")[0])
+    indexer = data.samplers.BatchIndexer(
+        num_examples=num_train, sampler="shuffle", batch_size=GLOBAL_BATCH, seed=config.data.seed
+    )
     half = GLOBAL_BATCH // 2
     for process, record in records.items():
         reads = record["reads"]["train_iterator:train"]
@@ -159,7 +161,7 @@ def test_each_process_reads_only_its_slice_of_every_global_batch(runs):
     # The kNN monitor's reads: each test example by exactly one process (a process whose slice
     # of the last batch is all padding reads record 0 once more, for the image shape).
     test_reads = [np.concatenate(r["reads"]["eval_iterator:test"]) for r in records.values()]
-    num_test = data.pipeline._num_examples(info, config.data, "test")
+    num_test = len(data.pipeline._open_split(info, config.data, "test")[0])
     read_once = np.concatenate(test_reads)
     counts = collections.Counter(read_once.tolist())
     assert sorted(counts) == list(range(num_test))

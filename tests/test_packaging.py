@@ -104,7 +104,7 @@ def _model_step_knn_results() -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from hscl_jax import config, evaluate, models, optim, step
+    from hscl_jax import config, data, evaluate, models, optim, step
 
     model = models.create_model(
         "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=step.AXIS_NAME
@@ -121,8 +121,12 @@ def _model_step_knn_results() -> dict[str, float]:
         variables, images[0]
     )
     devices = jax.devices()[:1]
-    train_step = step.make_pmap_train_step(model, tx, "hscl", {"beta": 1.0}, devices)
-    batch = {"view1": images[:1], "view2": images[1:], "label": labels[None]}
+    aug = data.augmentation_for(data.default_data_config("digits"))
+    train_step = step.make_pmap_train_step(
+        model, tx, "hscl", {"beta": 1.0}, devices, augmentation=aug
+    )
+    pixels = rng.integers(0, 256, size=(16, 8, 8, 1), dtype=np.uint8)
+    batch = jax.tree.map(lambda x: x[None], data.train_batch(pixels, labels, aug))
     new_state, metrics = train_step(step.replicate(state, devices), batch)
     moved = jax.tree.map(
         lambda new, old: jnp.abs(new[0] - old).max(), new_state.params, state.params

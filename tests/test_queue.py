@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hscl_jax import checkpoints, losses, metrics, models, optim, theory, trainer
+from hscl_jax import checkpoints, data, losses, metrics, models, optim, theory, trainer
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
 
@@ -83,18 +83,13 @@ def test_queue_positives_need_a_supervised_loss(tiny_digits_config):
 
 
 def _lowered_text(config):
-    # Host-augmented views in, so the batch below is what the step takes (augment_on="device"
-    # would ship uint8 images and parameters instead; the queue does not depend on it).
-    config.data.augment_on = "host"
     devices = jax.local_devices()[:1]
     built = step_lib.build_step(config, devices)
     state = step_lib.replicate(built.init_state(), devices)
-    shape = (1, config.global_batch_size, *built.input_shape)
-    batch = {
-        "view1": np.zeros(shape, np.float32),
-        "view2": np.zeros(shape, np.float32),
-        "label": np.zeros(shape[:2], np.int32),
-    }
+    size = config.global_batch_size
+    images = np.zeros((size, *built.input_shape), np.uint8)
+    batch = data.train_batch(images, np.zeros(size), data.augmentation_for(config.data))
+    batch = jax.tree.map(lambda x: x[None], batch)
     return built.train_step.lower(state, batch).as_text(), built.init_state()
 
 
@@ -112,15 +107,19 @@ def test_queue_size_0_compiles_exactly_the_step_without_a_queue(tiny_digits_conf
 # ----------------------------------------------------------------------------- with the loss
 
 
+DIGITS_AUGMENTATION = data.augmentation_for(data.default_data_config("digits"))
+
+
 def _global_batches(num_steps, batch=16, seed=0):
     rng = np.random.default_rng(seed)
     return [
-        {
-            "view1": rng.normal(size=(batch, 8, 8, 1)).astype(np.float32),
-            "view2": rng.normal(size=(batch, 8, 8, 1)).astype(np.float32),
-            "label": rng.integers(0, 3, size=batch).astype(np.int32),
-        }
-        for _ in range(num_steps)
+        data.train_batch(
+            rng.integers(0, 256, size=(batch, 8, 8, 1), dtype=np.uint8),
+            rng.integers(0, 3, size=batch),
+            DIGITS_AUGMENTATION,
+            step=step,
+        )
+        for step in range(num_steps)
     ]
 
 
@@ -144,6 +143,7 @@ def _run_steps(state, batches, num_devices, momentum=0.5, loss_kwargs=None):
         "hscl",
         loss_kwargs or {"beta": 1.0},
         devices,
+        augmentation=DIGITS_AUGMENTATION,
         queue_momentum=None if state.queue is None else momentum,
     )
     replicated = step_lib.replicate(state, devices)
@@ -173,8 +173,8 @@ def test_queue_over_8_devices_equals_one_device():
     np.testing.assert_array_equal(one.queue["labels"], expected_labels)
     for device in range(8):
         eight = jax.tree.map(lambda x, d=device: x[d], eight_states[-1])
-        chex.assert_trees_all_close(eight.params, one.params, atol=5e-6, rtol=1e-5)
-        chex.assert_trees_all_close(eight.queue, one.queue, atol=5e-6, rtol=1e-5)
+        chex.assert_trees_all_close(eight.params, one.params, atol=5e-6, rtol=1e-4)
+        chex.assert_trees_all_close(eight.queue, one.queue, atol=5e-6, rtol=1e-4)
     for one_m, eight_m in zip(one_metrics, eight_metrics, strict=True):
         np.testing.assert_allclose(eight_m["loss"], one_m["loss"][0], rtol=1e-5)
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from hscl_jax import analysis, checkpoints, config, evaluate, locks, preemption, trainer
+from hscl_jax import analysis, checkpoints, config, data, evaluate, locks, preemption, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -339,8 +339,7 @@ def test_analysis_skips_a_checkpoint_deleted_while_it_runs(finished_run, tmp_pat
 def test_a_run_the_data_refuses_writes_nothing(tmp_path, tiny_digits_config):
     workdir = tmp_path / "run"
     with pytest.raises(
-        config.ConfigError,
-        match=r"^config.data: global_batch_size 2000 exceeds the 1438 training examples.$",
+        data.DataError, match=r"^global_batch_size 2000 exceeds the 1438 training examples.$"
     ):
         trainer.train_and_evaluate(tiny_digits_config(global_batch_size=2000), str(workdir))
     assert not workdir.exists()

@@ -65,9 +65,7 @@ def _nan_at_batch(bad_index, monkeypatch):
 
     def poisoned(*args, start_step=0, **kwargs):
         for index, batch in enumerate(real_iterator(*args, start_step=start_step, **kwargs)):
-            if start_step + index == bad_index and "view1" in batch:
-                batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
-            elif start_step + index == bad_index:  # augment_on="device": NaN crop boxes
+            if start_step + index == bad_index:  # NaN crop boxes
                 boxes = np.full_like(batch["view1_params"]["boxes"], np.nan)
                 batch = dict(batch, view1_params=dict(batch["view1_params"], boxes=boxes))
             yield batch
@@ -216,8 +214,8 @@ def test_theory_monitor_logs_the_four_losses_per_step_and_per_epoch(
     first = step_records[0]
     state, batch = seen["state"], seen["batch"]
     model = models.model_from_config(config.model)
-    batch = data.stream_views(batch, config.data)
-    images = np.concatenate([batch["view1"][0], batch["view2"][0]])
+    views = data.augment_views(batch, data.augmentation_for(config.data))
+    images = np.concatenate([np.asarray(view[0]) for view in views])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     project = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0][1])
     z = project(variables, images)
@@ -366,27 +364,47 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def _train(tmp_path, workdir, *, kill_at=None, augment_on="device"):
+def _train(tmp_path, workdir, *, kill_at=None, flags=()):
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
-    command.append(f"--config.data.augment_on={augment_on}")
     env = _subprocess_env(tmp_path, num_devices=2)
     if kill_at is not None:
         command[1:2] = ["-c", _KILLING_RUNNER]
         env["HSCL_TEST_KILL_AT_STEP"] = str(kill_at)
     return subprocess.run(
-        command + _TINY_FLAGS, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        command + _TINY_FLAGS + list(flags),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
+@pytest.fixture(scope="module")
+def prepared_folder_flags(tmp_path_factory):
+    """configs/default.py's flags for an image folder prepared with hscl_jax.data.prepare."""
+    from image_folders import write_image_folder
+
+    from hscl_jax.data import prepare
+
+    root = tmp_path_factory.mktemp("images")
+    write_image_folder(root, ("ant", "bee", "cow"), per_class=10, side=12)
+    data_dir = tmp_path_factory.mktemp("tfds")
+    args = [f"--image_folder={root}", "--name=farm", f"--data_dir={data_dir}", "--workers=1"]
+    assert prepare.main(args) == 0
+    return ["--config.data.name=farm", f"--config.data.data_dir={data_dir}"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("augment_on", ["host", "device"])
-def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, augment_on):
+@pytest.mark.parametrize("dataset", ["digits", "prepared image folder"])
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, dataset, request):
+    flags = [] if dataset == "digits" else request.getfixturevalue("prepared_folder_flags")
     reference_dir = str(tmp_path / "uninterrupted")
     killed_dir = str(tmp_path / "killed")
-    result = _train(tmp_path, reference_dir, augment_on=augment_on)
+    result = _train(tmp_path, reference_dir, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result = _train(tmp_path, killed_dir, kill_at=6, augment_on=augment_on)
+    result = _train(tmp_path, killed_dir, kill_at=6, flags=flags)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoints = os.path.join(killed_dir, "checkpoints")
     # Orbax writes "<step>.orbax-checkpoint-tmp" and renames it to "<step>" once complete; the kill
@@ -398,12 +416,13 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, augment_on):
     shutil.copytree(os.path.join(checkpoints, "4"), partial)
     shutil.rmtree(os.path.join(partial, "state"))
 
-    result = _train(tmp_path, killed_dir, augment_on=augment_on)
+    result = _train(tmp_path, killed_dir, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from checkpoint at step {4 if unfinished else 6}" in result.stderr
     # Steps logged by the killed run after its last complete checkpoint are logged once, again.
     assert [r["step"] for r in _read_metrics(killed_dir) if "loss" in r] == [2, 4, 6, 8]
 
+    assert [r["step"] for r in _read_metrics(reference_dir) if "knn_top1" in r] == [8]
     reference = _restore_params(reference_dir, 8)
     resumed = _restore_params(killed_dir, 8)
     for expected, actual in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
@@ -466,6 +485,10 @@ _BAD_INPUTS = {
         ["--config.data.data_dir=gs://bucket/tensorflow_datasets"],
         r"config\.data\.data_dir='gs://bucket/tensorflow_datasets' cannot be reached: host "
         r"storage\.googleapis\.com does not resolve",
+    ),
+    "removed field": (
+        ["--config.data.augment_on=host"],
+        r"config\.data\.augment_on was removed: augmentation always runs in the train step",
     ),
     "workdir is a file": ([], r"workdir '.*' is a file, not a directory"),
     "workdir is a URL": ([], r"workdir 'gs://bucket/run' is a URL; give a local or mounted"),
@@ -562,7 +585,7 @@ finally:
 
 
 @pytest.mark.slow
-def test_prepared_digits_with_device_augmentation_never_imports_tensorflow(tmp_path):
+def test_prepared_digits_never_imports_tensorflow(tmp_path):
     from hscl_jax.data import digits_builder
 
     data_dir = str(tmp_path / "tfds")
@@ -572,7 +595,6 @@ def test_prepared_digits_with_device_augmentation_never_imports_tensorflow(tmp_p
         "--config=configs/default.py",
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
-        "--config.data.augment_on=device",
         *_TINY_FLAGS[:4],
         "--config.num_steps=2",
         "--config.eval_every_steps=2",
@@ -598,7 +620,7 @@ def test_no_training_length_is_rejected(tmp_path, tiny_digits_config):
 def test_bad_data_config_stops_the_run_at_start(tmp_path, tiny_digits_config):
     config = tiny_digits_config()
     config.data.sampler = "round_robin"
-    with pytest.raises(config_lib.ConfigError, match="config.data: .*sampler 'round_robin'"):
+    with pytest.raises(data.DataError, match="Unknown sampler 'round_robin'"):
         trainer.train_and_evaluate(config, str(tmp_path / "bad_data"))
     assert not os.path.exists(tmp_path / "bad_data" / "config.json")
 

@@ -120,7 +120,7 @@ def check_batch_has_negatives(config: ml_collections.ConfigDict) -> None:
         f"negatives from {whose}; use a global batch of >= 2 images",
     )
     if supervised:
-        num_classes = data.dataset_info(config.data.name).num_classes
+        num_classes = data.dataset_info(config.data.name, config.data.data_dir).num_classes
         _require(
             num_classes >= 2,
             f"config.data.name={config.data.name!r} has {num_classes} class: supervised loss "
@@ -187,7 +187,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_section("model", models.model_from_config, config.model)
     _check_section("loss", losses.check_config, config.loss)
     _check_section("optim", optim.check_config, config.optim)
-    _check_section("data", data.dataset_info, config.data.name)  # the rest: trainer.setup
+    _check_section("data", data.check_config, config.data)
     _check_section("knn", check_knn, config.knn)
     _check_section("theory", theory.check_config, config.theory)
     _check_section("queue", check_queue, config.queue)

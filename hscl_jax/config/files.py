@@ -11,7 +11,7 @@ import os
 import ml_collections
 from absl import logging
 
-from hscl_jax import metrics
+from hscl_jax import data, metrics
 from hscl_jax.config.schema import ConfigError, base_config
 
 
@@ -33,6 +33,8 @@ def check_field_path(config: ml_collections.ConfigDict, dotted: str) -> None:
     for part in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict):
             raise ConfigError(f"{prefix} is a value, not a section: it has no field {part!r}")
+        if prefix == "config.data" and part in data.REMOVED_FIELDS:
+            raise ConfigError(data.removed_field_message(part))
         if part not in node:
             raise ConfigError(
                 f"unknown config field {prefix}.{part}; {prefix} has: {', '.join(sorted(node))}"
@@ -96,8 +98,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     dropped: list[str] = []
     config = _up_to_schema(saved, schema, "", dropped)
     if dropped:
+        why = {f"data.{field}": reason for field, reason in data.REMOVED_FIELDS.items()}
         logging.warning(
-            "%s: dropped fields this version no longer has: %s", path, ", ".join(sorted(dropped))
+            "%s: dropped fields this version no longer has: %s",
+            path,
+            ", ".join(f"{f} ({why[f]})" if f in why else f for f in sorted(dropped)),
         )
     return ml_collections.ConfigDict(config)
 

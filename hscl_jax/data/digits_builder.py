@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hscl_jax import locks
+from hscl_jax.data import samplers
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -25,15 +26,8 @@ _DIGITS_MAX_INTENSITY = 16
 
 def digits_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     """Fixed stratified train/test split: indices into load_digits() for each split, sorted."""
-    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
-    test_parts = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        num_test = int(round(DIGITS_TEST_FRACTION * len(members)))
-        test_parts.append(rng.permutation(members)[:num_test])
-    test = np.sort(np.concatenate(test_parts))
-    train = np.setdiff1d(np.arange(len(labels)), test)
-    return {"train": train, "test": test}
+    is_test = samplers.stratified_test_mask(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    return {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test)}
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +100,7 @@ def _build_options() -> dict:
 
 
 def prepare_digits(data_dir: str | None) -> Digits:
-    """Returns the digits builder for `data_dir`, building it there first (~1 s) if needed.
+    """Returns the digits builder for `data_dir`, building it there first if needed.
 
     A build of this version in another file format (e.g. TFRecord, written by hand with `tfds
     build`) is deleted and rebuilt as ArrayRecord, with a log message.

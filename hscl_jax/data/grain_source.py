@@ -3,9 +3,9 @@
 A batch is a pure function of its number: `TrainBatchReader(step)` asks the sampler for the
 global batch's indices, keeps this process's contiguous slice and reads and decodes only those
 records; `EvalBatchReader(batch)` does the same for the in-order, padded evaluation batches. Both
-are wrapped in a `grain.MapDataset` over batch numbers, so the stream starts at any step without
-iterator state. `batch_loaders` serves that dataset in order, decoding either in the caller's
-threads (decode_workers=0) or in Grain worker processes.
+are served by batch number, so the stream starts at any step without iterator state.
+`batch_loaders` serves them in order, decoding either in the caller's threads (decode_workers=0)
+or in Grain worker processes (a `grain.MapDataset` over batch numbers).
 
 Images come out as uint8 (b, H, W, C), as stored: augmentation is the caller's business. No jax
 or TensorFlow import here: Grain's worker processes unpickle these readers.
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from hscl_jax.data.errors import DataError
 from hscl_jax.data.samplers import BatchIndexer
 
 # Batches each worker process prepares ahead of the consumer.
@@ -132,15 +133,15 @@ def import_grain():
         import grain
     except ImportError:
         raise ImportError(
-            "Reading TFDS datasets needs the grain package: pip install 'hscl_jax[data]'."
+            "decode_workers > 0 needs the grain package: pip install 'hscl_jax[data]'."
         ) from None
     return grain
 
 
 def check_decode_workers(decode_workers: int) -> None:
-    """Raises ValueError (one line, with the fix) when Grain cannot start its worker processes."""
+    """Raises DataError (one line, with the fix) when Grain cannot start its worker processes."""
     if decode_workers < 0:
-        raise ValueError(
+        raise DataError(
             f"decode_workers must be >= 0 (0: decode in this process), got {decode_workers}."
         )
     if decode_workers == 0:
@@ -149,7 +150,7 @@ def check_decode_workers(decode_workers: int) -> None:
 
     # Grain's workers read Grain's absl flags, which exist only once flags are parsed.
     if not flags.FLAGS.is_parsed():
-        raise ValueError(
+        raise DataError(
             f"decode_workers={decode_workers} starts Grain worker processes, which need absl "
             "flags parsed: run inside absl.app.run (train.py does) or call "
             "absl.flags.FLAGS(sys.argv[:1]) first, or set decode_workers=0."
@@ -170,14 +171,14 @@ def batch_loaders(
     batch (in order, `_WORKER_BUFFER_BATCHES` ahead per worker) and load() only hands it over.
     Close the iterator to stop the workers.
     """
-    grain = import_grain()
     check_decode_workers(decode_workers)
     numbers = range(start, sys.maxsize if stop is None else stop)
-    batches = grain.MapDataset.range(numbers.start, numbers.stop).map(reader)
     if decode_workers == 0:
-        for position, number in enumerate(numbers):
-            yield number, functools.partial(batches.__getitem__, position)
+        for number in numbers:
+            yield number, functools.partial(reader, number)
         return
+    grain = import_grain()
+    batches = grain.MapDataset.range(numbers.start, numbers.stop).map(reader)
     # One batch per worker at a time: a worker's threads would only fight over its GIL.
     read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
     options = grain.MultiprocessingOptions(

@@ -1,4 +1,5 @@
-"""Per-dataset metadata, in one place (no TensorFlow import)."""
+"""Per-dataset metadata: the registered recipes' in one table, any other dataset's read from its
+prepared TFDS files (hscl_jax.data.tfds_source). No TensorFlow import."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dataclasses
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
-# Measured on the digits train split (pixel / 255, see tests/test_data.py which recomputes them).
+# The digits train split's (pixel / 255; tests/test_data.py recomputes them).
 DIGITS_MEAN = (0.3055,)
 DIGITS_STD = (0.3759,)
 
@@ -37,6 +38,8 @@ class DatasetInfo:
         image_size x image_size (uint8), so that everything downstream sees one shape.
       tfds_name: the TFDS catalogue name with its builder config, when it differs from name.
       manual_download: what to put where before `tfds build`, for datasets TFDS cannot download.
+      image_key, label_key: the TFDS features holding the image and the class label.
+      class_names: the name of each label, when the dataset stores them.
     """
 
     name: str
@@ -54,6 +57,17 @@ class DatasetInfo:
     variable_size: bool = False
     tfds_name: str | None = None
     manual_download: str | None = None
+    image_key: str = "image"
+    label_key: str = "label"
+    # Left out of equality and hashing: a jit-compiled function keyed on this info (as a static
+    # argument) should not hash a thousand class names on every call.
+    class_names: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def augmentation_preset(self) -> str:
+        """The augmentation preset a config without one gets: "digits" (mild crops only) for
+        grayscale data, "simclr" otherwise (hscl_jax.data.augment_params)."""
+        return "digits" if self.grayscale else "simclr"
 
 
 _DATASETS = {
@@ -171,11 +185,14 @@ _DATASETS = {
 }
 
 DATASET_NAMES = tuple(_DATASETS)
-TFDS_DATASET_NAMES = ("digits", "cifar10", "cifar100", "stl10", "imagenet2012", "imagenette")
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Returns the metadata of dataset `name`."""
-    if name not in _DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}.")
-    return _DATASETS[name]
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+    """The metadata of dataset `name`: a registered recipe's (DATASET_NAMES), else that of the
+    TFDS dataset `name` prepared in `data_dir` (None: TFDS's default data dir), read from its
+    files (hscl_jax.data.tfds_source.prepared_dataset_info); DataError when there is none."""
+    if name in _DATASETS:
+        return _DATASETS[name]
+    from hscl_jax.data import tfds_source
+
+    return tfds_source.prepared_dataset_info(name, data_dir)

@@ -1,21 +1,14 @@
-"""Training and evaluation streams shaped for pmap: (local devices, per-device batch, ...).
+"""Training and evaluation streams shaped for the devices: (local devices, per-device batch, ...).
 
 Every global batch is a function of (seed, step): the sampler maps the step to example indices
 (one fresh plan per epoch, from (seed, epoch)) and the augmentation parameters come from (seed,
 step, view). Each process takes its contiguous slice of the global batch and reads and decodes
 only those examples, by random access (hscl_jax.data.grain_source over TFDS ArrayRecord files,
-hscl_jax.data.tfds_source), so no split is ever held in memory and the processes together see
-exactly what one process would. Decoding runs in the augmentation threads or, with
-`decode_workers`, in Grain worker processes.
-
-With augment_on="host" the augmentation is a TensorFlow graph (tf.function) run by a small pool of
-Python threads, each on whole batches, with results consumed in step order (TF releases the GIL, so
-the threads run in parallel). This replaces tf.data.Dataset.from_generator, whose PyFunc source
-hung or logged errors at interpreter exit with batches in flight, and after which every TF op in
-the process ran ~2.5x slower (measured here with TF 2.21). With augment_on="device" the same
-threads only read, decode and index the uint8 images and draw the parameters; the augmentation
-runs in the train step (hscl_jax.data.device_augment). TensorFlow is imported only when a TFDS
-dataset is augmented on the host; the synthetic source is numpy.
+hscl_jax.data.tfds_source, or the numpy pool of hscl_jax.data.synthetic), so no split is ever held
+in memory and the processes together see exactly what one process would. A small pool of threads
+reads, decodes and indexes whole batches (or hands over what Grain worker processes decoded, with
+`decode_workers`), consumed in step order. The host ships uint8 images and both views'
+parameters; the augmentation runs in the train step (hscl_jax.data.augment). No TensorFlow import.
 
 Exact resumption also assumes the same numpy version: the plans and augmentation parameters come
 from numpy Generators seeded through SeedSequence, whose streams numpy keeps stable in practice
@@ -30,15 +23,17 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import jax
 import numpy as np
 
-from hscl_jax.data import grain_source, samplers
-from hscl_jax.data.config import check_augment_on
-from hscl_jax.data.info import DatasetInfo, dataset_info
+from hscl_jax.data import augment_params, grain_source, samplers
+from hscl_jax.data.config import check_config
+from hscl_jax.data.errors import DataError
+from hscl_jax.data.info import DatasetInfo
+from hscl_jax.data.parallel import ordered_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +57,15 @@ def _layout(
     available = jax.local_device_count()
     devices = available if num_local_devices is None else num_local_devices
     if not 1 <= devices <= available:
-        raise ValueError(
+        raise DataError(
             f"num_local_devices must be in [1, {available}] (local devices), got {devices}."
         )
     num_hosts = jax.process_count() if process_count is None else process_count
     host = jax.process_index() if process_index is None else process_index
     if not 0 <= host < num_hosts:
-        raise ValueError(f"process_index must be in [0, {num_hosts}), got {host}.")
+        raise DataError(f"process_index must be in [0, {num_hosts}), got {host}.")
     if global_batch_size < 1 or global_batch_size % (num_hosts * devices):
-        raise ValueError(
+        raise DataError(
             f"{what} {global_batch_size} must be a positive multiple of process_count "
             f"({num_hosts}) x local devices ({devices}) = {num_hosts * devices}."
         )
@@ -84,59 +79,39 @@ def _layout(
     )
 
 
-def _check_data_config(data_config, info: DatasetInfo | None = None) -> DatasetInfo:
-    info = dataset_info(data_config.name) if info is None else info
-    if data_config.sampler not in samplers.SAMPLERS:
-        raise ValueError(
-            f"Unknown sampler {data_config.sampler!r}; expected one of "
-            f"{', '.join(samplers.SAMPLERS)}."
-        )
-    if data_config.eval_image_size < 0:
-        raise ValueError(
-            f"eval_image_size must be 0 (stored size) or a size in pixels, got "
-            f"{data_config.eval_image_size}."
-        )
-    for field in ("num_workers", "prefetch_batches", "decode_workers"):
-        if data_config[field] < 0:
-            raise ValueError(
-                f"{field} must be >= 0 (0: the default, see default_data_config), got "
-                f"{data_config[field]}."
-            )
-    check_augment_on(data_config.augment_on)
-    return info
-
-
 def _check_seed(seed, start_step: int) -> int:
     if not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}.")
     if not isinstance(start_step, int | np.integer) or start_step < 0:
-        raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}.")
+        raise DataError(f"start_step must be a non-negative integer, got {start_step!r}.")
     return int(seed)
 
 
-def _indexer(data_config, num_examples: int, labels, global_batch_size: int, seed: int):
-    return samplers.BatchIndexer(
-        num_examples=num_examples,
-        labels=labels,
-        sampler=data_config.sampler,
-        batch_size=global_batch_size,
-        seed=seed,
-        classes_per_batch=data_config.classes_per_batch,
-        samples_per_class=data_config.samples_per_class,
-    )
-
-
-def _open_tfds(info: DatasetInfo, data_config, split: str):
+def _open_split(info: DatasetInfo, data_config, split: str):
     """(records, decode) of a split: images of varying size come encoded, for `decode`."""
+    grain_source.check_decode_workers(data_config.decode_workers)
+    if data_config.decode_workers:
+        grain_source.import_grain()  # a missing package stops the run here, not later
+    if info.name == "synthetic":
+        from hscl_jax.data.synthetic import SyntheticRecords
+
+        return SyntheticRecords(info, split), None
     from hscl_jax.data import tfds_source
 
-    grain_source.import_grain()  # missing packages stop the run here, not after compilation
-    grain_source.check_decode_workers(data_config.decode_workers)
     records = tfds_source.open_split(
         info, data_config.data_dir, split, decode_images=not info.variable_size
     )
     decode = grain_source.ResizeDecode(info.image_size, info.channels)
     return records, decode if info.variable_size else None
+
+
+def _train_labels(info: DatasetInfo, data_config, records: Sequence) -> np.ndarray:
+    """Every training label, images not decoded (for the class-balanced sampler)."""
+    if info.name == "synthetic":
+        return records.labels
+    from hscl_jax.data import tfds_source
+
+    return tfds_source.split_labels(info, data_config.data_dir, info.train_split)
 
 
 def _per_device(array: np.ndarray, layout: _Layout) -> np.ndarray:
@@ -157,15 +132,8 @@ def _ordered_parallel_map(
     num_workers = data_config.num_workers or os.cpu_count() or 1
     depth = data_config.prefetch_batches or 2 * num_workers
     executor = futures.ThreadPoolExecutor(num_workers, thread_name_prefix="hscl_jax.data")
-    pending = collections.deque()
     try:
-        for item in itertools.islice(items, depth):
-            pending.append(executor.submit(function, item))
-        while pending:
-            result = pending.popleft().result()
-            for item in itertools.islice(items, 1):
-                pending.append(executor.submit(function, item))
-            yield result
+        yield from ordered_map(function, items, executor, depth)
     finally:
         # At interpreter exit the executor's own exit hook joins the workers; shutting down from
         # here then would only trip over half-torn-down modules. Otherwise the batches in
@@ -177,17 +145,11 @@ def _ordered_parallel_map(
                 close()
 
 
-def _num_examples(info: DatasetInfo, data_config, split: str) -> int:
-    if info.name == "synthetic":
-        return info.num_train if split == info.train_split else info.num_test
-    return len(_open_tfds(info, data_config, split)[0])
-
-
-def steps_per_epoch(data_config, global_batch_size: int, *, info: DatasetInfo | None = None) -> int:
+def steps_per_epoch(data_config, global_batch_size: int) -> int:
     """Full global batches per training epoch (the last partial batch is dropped)."""
-    info = _check_data_config(data_config, info)
-    num_examples = _num_examples(info, data_config, info.train_split)
-    return samplers.steps_per_epoch_for(num_examples, global_batch_size)
+    info = check_config(data_config)
+    records, _ = _open_split(info, data_config, info.train_split)
+    return samplers.steps_per_epoch_for(len(records), global_batch_size)
 
 
 def train_iterator(
@@ -199,87 +161,51 @@ def train_iterator(
     num_local_devices: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    info: DatasetInfo | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless stream of augmented pairs for this process, from step `start_step` on.
+    """Endless stream of training batches for this process, from step `start_step` on.
 
-    Yields {"view1": float32 (D, b, crop, crop, C), "view2": same, "label": int32 (D, b)} with
-    D local devices and b = global_batch_size // (process_count * D). With augment_on="device"
-    (TFDS datasets) it yields {"image": uint8 (D, b, H, W, C), "view1_params": {name: (D, b,
-    ...)}, "view2_params": ..., "label"} instead, which `data.device_augmentation(data_config)`
-    turns into the views inside the train step (see hscl_jax.data.device_augment). Batch n
-    depends only on (seed, n, data_config): starting at start_step=n gives exactly the batches
-    an uninterrupted stream gives from step n on. process_index / process_count default to
-    jax's; this process reads only the examples of its slice of each global batch. `info`
-    describes a TFDS dataset outside DATASET_NAMES (default: dataset_info(data_config.name)).
+    Yields {"image": uint8 (D, b, H, W, C), "view1_params": {name: (D, b, ...)}, "view2_params":
+    ..., "label": int32 (D, b)} with D local devices and b = global_batch_size // (process_count
+    * D): the one training-batch layout, which `augment.augment_views` turns into the two views
+    (the train step does, first). Batch n depends only on (seed, n, data_config): starting at
+    start_step=n gives exactly the batches an uninterrupted stream gives from step n on.
+    process_index / process_count default to jax's; this process reads only the examples of its
+    slice of each global batch.
 
-    Bad config values and unreadable data raise here, before the first batch is asked for.
+    Bad config values and unreadable data raise DataError here, before the first batch is asked
+    for.
     """
-    info = _check_data_config(data_config, info)
+    info = check_config(data_config)
     seed = _check_seed(seed, start_step)
     layout = _layout(
         global_batch_size, num_local_devices, "global_batch_size", process_index, process_count
     )
-    if info.name == "synthetic":
-        from hscl_jax.data.synthetic import synthetic_split
-
-        images, labels = synthetic_split(info, info.train_split)
-        indexer = _indexer(data_config, len(labels), labels, global_batch_size, seed)
-        return _synthetic_train(images, labels, indexer, layout, start_step)
-    from hscl_jax.data import tfds_source
-    from hscl_jax.data.augment import resolve_augmentation
-
-    records, decode = _open_tfds(info, data_config, info.train_split)
+    records, decode = _open_split(info, data_config, info.train_split)
     labels = None
     if data_config.sampler == "class_balanced":
-        labels = tfds_source.split_labels(info, data_config.data_dir, info.train_split)
-    indexer = _indexer(data_config, len(records), labels, global_batch_size, seed)
+        labels = _train_labels(info, data_config, records)
+    indexer = samplers.BatchIndexer(
+        num_examples=len(records),
+        labels=labels,
+        sampler=data_config.sampler,
+        batch_size=global_batch_size,
+        seed=seed,
+        classes_per_batch=data_config.classes_per_batch,
+        samples_per_class=data_config.samples_per_class,
+    )
     reader = grain_source.TrainBatchReader(
         records, indexer, layout.host_start, layout.host_stop, decode
     )
-    aug = resolve_augmentation(data_config.augmentation, info)
-    return _tfds_train(reader, layout, info, aug, data_config, seed, start_step)
+    aug = augment_params.resolve_augmentation(data_config.augmentation, info)
+    return _train_batches(reader, layout, aug, data_config, seed, start_step)
 
 
-def _synthetic_train(images, labels, indexer, layout: _Layout, start_step: int):
-    from hscl_jax.data.synthetic import synthetic_pair
-
-    for step in itertools.count(start_step):
-        indices = indexer(step)[layout.host_start : layout.host_stop]
-        view1, view2 = synthetic_pair(images, indices)
-        yield {
-            "view1": _per_device(view1, layout),
-            "view2": _per_device(view2, layout),
-            "label": _per_device(labels[indices], layout),
-        }
-
-
-def _host_views(aug, info: DatasetInfo) -> Callable:
-    """(uint8 images, params1, params2) -> both views as numpy, in a TensorFlow graph."""
-    from hscl_jax.data import augment
-    from hscl_jax.data.tfds_source import import_tensorflow
-
-    tf = import_tensorflow()
-
-    @tf.function(autograph=False, reduce_retracing=True)
-    def make_views(batch_images, params1, params2):
-        return (
-            augment.augment_batch(batch_images, params1, aug, info),
-            augment.augment_batch(batch_images, params2, aug, info),
-        )
-
-    return lambda *args: tuple(view.numpy() for view in make_views(*args))
-
-
-def _tfds_train(reader, layout, info, aug, data_config, seed, start_step):
-    from hscl_jax.data import augment
-
+def _train_batches(reader, layout: _Layout, aug, data_config, seed: int, start_step: int):
     def view_params(step: int, view: int) -> dict[str, np.ndarray]:
-        params = augment.view_params(seed, step, view, layout.global_batch, info.image_size, aug)
-        return augment.slice_params(params, layout.host_start, layout.host_stop)
+        params = augment_params.view_params(seed, step, view, layout.global_batch, aug)
+        return augment_params.slice_params(params, layout.host_start, layout.host_stop)
 
     def ship_batch(step_and_loader) -> dict:
-        """augment_on="device": uint8 images and both views' parameters, for the train step."""
         step, load = step_and_loader
         host = load()
         return {
@@ -289,25 +215,11 @@ def _tfds_train(reader, layout, info, aug, data_config, seed, start_step):
             "label": _per_device(host["label"], layout),
         }
 
-    def augment_batch(step_and_loader) -> dict[str, np.ndarray]:
-        step, load = step_and_loader
-        host = load()
-        view1, view2 = make_views(host["image"], view_params(step, 0), view_params(step, 1))
-        return {
-            "view1": _per_device(view1, layout),
-            "view2": _per_device(view2, layout),
-            "label": _per_device(host["label"], layout),
-        }
-
     # The loaders run the sampler in step order in the consumer's thread or in Grain's workers.
     loaders = grain_source.batch_loaders(
         reader, start=start_step, stop=None, decode_workers=data_config.decode_workers
     )
-    if data_config.augment_on == "device":
-        yield from _ordered_parallel_map(ship_batch, loaders, data_config)
-    else:
-        make_views = _host_views(aug, info)
-        yield from _ordered_parallel_map(augment_batch, loaders, data_config)
+    yield from _ordered_parallel_map(ship_batch, loaders, data_config)
 
 
 def eval_iterator(
@@ -318,80 +230,31 @@ def eval_iterator(
     num_local_devices: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    info: DatasetInfo | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of `split` exactly once, unaugmented, in order.
 
     `batch_size` is global (over all processes); each process reads only its slice. Yields
-    {"image": float32 (D, b, H, W, C), "label": int32 (D, b), "mask": bool (D, b)}; the last
-    batch is padded with zero images, label 0 and mask False. Images keep their stored size
-    unless `eval_image_size` is set. Arguments after `num_local_devices` as in train_iterator.
-    With augment_on="device" "image" is the stored uint8 image instead, which
-    `data.device_eval_preprocess(data_config)` turns into the float32 one on the devices.
+    {"image": uint8 (D, b, H, W, C) at the stored size, "label": int32 (D, b), "mask": bool (D,
+    b)}; the last batch is padded with zero images, label 0 and mask False. The function
+    `config.eval_preprocessing(data_config)` turns the images into the float32 ones the encoder
+    takes, on the devices. Arguments after `num_local_devices` as in train_iterator.
     """
-    info = _check_data_config(data_config, info)
+    info = check_config(data_config)
     layout = _layout(batch_size, num_local_devices, "batch_size", process_index, process_count)
-    if info.name == "synthetic":
-        from hscl_jax.data.synthetic import synthetic_split
-
-        images, labels = synthetic_split(info, split)
-        return _synthetic_eval(images, labels, layout)
-    records, decode = _open_tfds(info, data_config, split)
+    records, decode = _open_split(info, data_config, split)
     reader = grain_source.EvalBatchReader(
         records, batch_size, layout.host_start, layout.host_stop, decode
     )
     num_batches = math.ceil(len(records) / batch_size)
-    return _tfds_eval(reader, num_batches, layout, info, data_config)
-
-
-def _synthetic_eval(images: np.ndarray, labels: np.ndarray, layout: _Layout):
-    for batch in range(math.ceil(len(labels) / layout.global_batch)):
-        positions = batch * layout.global_batch + np.arange(layout.host_start, layout.host_stop)
-        mask = positions < len(labels)
-        indices = np.where(mask, positions, 0)
-        batch_images = images[indices]
-        batch_images[~mask] = 0
-        yield {
-            "image": _per_device(batch_images, layout),
-            "label": _per_device(np.where(mask, labels[indices], 0).astype(np.int32), layout),
-            "mask": _per_device(mask, layout),
-        }
-
-
-def _host_eval_preprocess(info: DatasetInfo, data_config) -> Callable:
-    """uint8 images -> float32 normalised eval images (numpy), in a TensorFlow graph."""
-    from hscl_jax.data import augment
-    from hscl_jax.data.tfds_source import import_tensorflow
-
-    tf = import_tensorflow()
-
-    @tf.function(autograph=False, reduce_retracing=True)
-    def preprocess(batch_images):
-        return augment.eval_preprocess(batch_images, info, data_config.eval_image_size)
-
-    return lambda batch_images: preprocess(batch_images).numpy()
-
-
-def _tfds_eval(reader, num_batches: int, layout: _Layout, info: DatasetInfo, data_config):
-    if data_config.augment_on == "device":
-        # uint8 images; data.device_eval_preprocess finishes them on the device.
-        preprocess = np.asarray
-    else:
-        preprocess = _host_eval_preprocess(info, data_config)
 
     def make_batch(batch_and_loader) -> dict[str, np.ndarray]:
         _, load = batch_and_loader
-        host = load()
-        return {
-            "image": _per_device(preprocess(host["image"]), layout),
-            "label": _per_device(host["label"], layout),
-            "mask": _per_device(host["mask"], layout),
-        }
+        return _per_device_tree(load(), layout)
 
     loaders = grain_source.batch_loaders(
         reader, start=0, stop=num_batches, decode_workers=data_config.decode_workers
     )
-    yield from _ordered_parallel_map(make_batch, loaders, data_config)
+    return _ordered_parallel_map(make_batch, loaders, data_config)
 
 
 def prefetch_to_device(iterator, size: int = 2, devices=None):
@@ -400,14 +263,14 @@ def prefetch_to_device(iterator, size: int = 2, devices=None):
     `devices` defaults to the first D of `jax.local_devices()`, the devices pmap uses.
     """
     if size < 1:
-        raise ValueError(f"prefetch size must be >= 1, got {size}.")
+        raise DataError(f"prefetch size must be >= 1, got {size}.")
     iterator = iter(iterator)
 
     def to_devices(batch):
         num_devices = jax.tree_util.tree_leaves(batch)[0].shape[0]
         targets = list(devices) if devices is not None else jax.local_devices()[:num_devices]
         if len(targets) != num_devices:
-            raise ValueError(
+            raise DataError(
                 f"Batch leading axis {num_devices} does not match the {len(targets)} devices given."
             )
         mesh = jax.sharding.Mesh(np.array(targets), ("devices",))

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hscl_jax.data.errors import DataError
+
 SAMPLERS = ("shuffle", "class_balanced")
 
 # Distinct SeedSequence streams, so the data order never correlates with the augmentations.
@@ -35,34 +37,34 @@ def resolve_class_balance(
 ) -> tuple[int, int]:
     """Checks a class-balanced batch shape against the data; returns (P, K)."""
     if samples_per_class < 1:
-        raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}.")
+        raise DataError(f"samples_per_class must be >= 1, got {samples_per_class}.")
     if classes_per_batch < 0:
-        raise ValueError(
+        raise DataError(
             f"classes_per_batch must be >= 0 (0: batch size // samples_per_class), "
             f"got {classes_per_batch}."
         )
     num_classes_per_batch = classes_per_batch or batch_size // samples_per_class
     classes, counts = np.unique(labels, return_counts=True)
     if num_classes_per_batch * samples_per_class != batch_size:
-        raise ValueError(
+        raise DataError(
             f"class_balanced sampler: classes_per_batch ({num_classes_per_batch}) x "
             f"samples_per_class ({samples_per_class}) = "
             f"{num_classes_per_batch * samples_per_class} must equal the global batch size "
             f"{batch_size}."
         )
     if num_classes_per_batch < 2:
-        raise ValueError(
+        raise DataError(
             f"class_balanced sampler: classes_per_batch must be >= 2 so that anchors have "
             f"other-class negatives, got {num_classes_per_batch}."
         )
     if num_classes_per_batch > len(classes):
-        raise ValueError(
+        raise DataError(
             f"class_balanced sampler: classes_per_batch {num_classes_per_batch} exceeds the "
             f"{len(classes)} classes of the data."
         )
     smallest = int(np.argmin(counts))
     if samples_per_class > counts[smallest]:
-        raise ValueError(
+        raise DataError(
             f"class_balanced sampler: samples_per_class {samples_per_class} exceeds the smallest "
             f"class (label {classes[smallest]} has {counts[smallest]} examples)."
         )
@@ -151,9 +153,9 @@ class BatchIndexer:
         samples_per_class: int = 1,
     ):
         if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}.")
+            raise DataError(f"Unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}.")
         if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+            raise DataError(f"seed must be a non-negative integer, got {seed}.")
         self.num_examples = num_examples
         self.steps_per_epoch = steps_per_epoch_for(num_examples, batch_size)
         self.sampler = sampler
@@ -162,7 +164,7 @@ class BatchIndexer:
         self.labels = None
         if sampler == "class_balanced":
             if labels is None or len(labels) != num_examples:
-                raise ValueError(
+                raise DataError(
                     f"class_balanced sampler needs the labels of all {num_examples} examples."
                 )
             self.labels = np.asarray(labels)
@@ -204,12 +206,27 @@ class BatchIndexer:
         return plan[step_in_epoch]
 
 
+def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """bool (n,): the examples of a fixed, seeded, stratified test split.
+
+    Each class (in sorted order) gives round(test_fraction x its size) of its examples, picked by
+    one generator seeded by `seed`, and keeps at least one for training.
+    """
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        num_test = min(int(round(test_fraction * len(members))), len(members) - 1)
+        is_test[rng.permutation(members)[:num_test]] = True
+    return is_test
+
+
 def steps_per_epoch_for(num_examples: int, batch_size: int) -> int:
     """Full global batches per epoch (the last partial batch is dropped)."""
     if batch_size < 1:
-        raise ValueError(f"global_batch_size must be >= 1, got {batch_size}.")
+        raise DataError(f"global_batch_size must be >= 1, got {batch_size}.")
     if batch_size > num_examples:
-        raise ValueError(
+        raise DataError(
             f"global_batch_size {batch_size} exceeds the {num_examples} training examples."
         )
     return num_examples // batch_size

@@ -1,52 +1,46 @@
-"""Opening a TFDS split for random access (ArrayRecord files through `tfds.data_source`).
+"""Opening a TFDS dataset for random access (ArrayRecord files through `tfds.data_source`), and
+the metadata of any prepared TFDS image-classification dataset.
 
 Nothing is ever downloaded and no split is read whole: a split is a sequence of examples read on
 demand, one record per index. The errors a user can meet before training, each with its fix in
-one line, live here: a dataset that is not prepared, one prepared without ArrayRecord files,
-images of an unexpected shape. Labels alone (for the class-balanced sampler) are read once per
-process without decoding the images.
+one line, live here: a dataset that is not prepared, one prepared without ArrayRecord files or
+without an image and a class label, images of an unexpected shape. Labels alone (for the
+class-balanced sampler) are read once per process without decoding the images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 
-from hscl_jax.data.info import DATASET_NAMES, TFDS_DATASET_NAMES, DatasetInfo
+from hscl_jax.data.errors import DataError, DatasetFormatError, DatasetNotPreparedError
+from hscl_jax.data.info import DATASET_NAMES, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
 
 _LABEL_SCAN_LOG_EVERY = 100_000
-
-
-class DatasetNotPreparedError(FileNotFoundError):
-    """A paper dataset is not in the data directory (this package never downloads one)."""
-
-
-class DatasetFormatError(ValueError):
-    """A dataset is prepared, but without the ArrayRecord files that random access needs."""
-
-
-def import_tensorflow():
-    """Imports TensorFlow with its GPUs hidden, so that it never takes accelerator memory."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-        # TF was initialised before we got here; only a problem if it can see a GPU.
-        if tf.config.get_visible_devices("GPU"):
-            logging.warning("TensorFlow was initialised with GPUs visible; it may hold GPU memory.")
-    return tf
+# The key of the TFDS metadata (metadata.json) under which `python -m hscl_jax.data.prepare`
+# stores what the trainer needs beyond the features: statistics, sizes, the augmentation preset.
+PREPARED_METADATA_KEY = "hscl_jax"
+# A dataset without stored statistics is normalised with ImageNet's (one channel: their means).
+_DEFAULT_MEAN = {3: IMAGENET_MEAN, 1: (float(np.mean(IMAGENET_MEAN)),)}
+_DEFAULT_STD = {3: IMAGENET_STD, 1: (float(np.mean(IMAGENET_STD)),)}
+# Images of varying size without a stored size: ImageNet's decode and crop sides.
+_DEFAULT_VARIABLE_IMAGE_SIZE = 256
+_DEFAULT_VARIABLE_CROP_SIZE = 224
 
 
 def _tfds_name(info: DatasetInfo) -> str:
     return info.tfds_name or info.name
 
 
+def _where(data_dir: str | None) -> str:
+    return data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+
+
 def _not_prepared_message(info: DatasetInfo, data_dir: str | None) -> str:
-    where = data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
     target = data_dir or "~/tensorflow_datasets"
     name = _tfds_name(info)
     folder = name.split("/")[0]
@@ -56,10 +50,20 @@ def _not_prepared_message(info: DatasetInfo, data_dir: str | None) -> str:
         else ""
     )
     return (
-        f"Dataset {info.name!r} is not prepared in {where}, and this pipeline never downloads. "
-        f"Prepare it as ArrayRecord on a machine with network access: {manual}`tfds build "
-        f"{name} --data_dir={target} --file_format=array_record`, then copy the {folder}/ folder "
-        f"into data_dir (a local folder or gs:// bucket) on this machine."
+        f"Dataset {info.name!r} is not prepared in {_where(data_dir)}, and this pipeline never "
+        f"downloads. Prepare it as ArrayRecord on a machine with network access: {manual}`tfds "
+        f"build {name} --data_dir={target} --file_format=array_record`, then copy the {folder}/ "
+        f"folder into data_dir (a local folder or gs:// bucket) on this machine."
+    )
+
+
+def _unknown_name_message(name: str, data_dir: str | None) -> str:
+    target = data_dir or "~/tensorflow_datasets"
+    return (
+        f"Dataset {name!r} is not one of {', '.join(DATASET_NAMES)} and is not prepared in "
+        f"{_where(data_dir)}: prepare your own images with `python -m hscl_jax.data.prepare "
+        f"--image_folder=ROOT --name={name} --data_dir={target}`, or a TFDS catalogue dataset "
+        f"with `tfds build {name} --data_dir={target} --file_format=array_record`."
     )
 
 
@@ -74,21 +78,100 @@ def _format_message(name: str, data_dir: str | None, builder) -> str:
     )
 
 
-def _builder(info: DatasetInfo, data_dir: str | None):
+def _tfds_builder(name: str, data_dir: str | None):
+    """The TFDS builder of `name` (a catalogue class, or one read from the files in data_dir)."""
     import tensorflow_datasets as tfds
 
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DatasetNotPreparedError(_unknown_name_message(name, data_dir)) from None
+
+
+def _builder(info: DatasetInfo, data_dir: str | None):
     if info.name == "digits":
         from hscl_jax.data.digits_builder import prepare_digits
 
         return prepare_digits(data_dir)
-    if info.name.split("/")[0] == "random_images":
-        import hscl_jax.data.random_images_builder  # noqa: F401  (registers the builder)
-    return tfds.builder(_tfds_name(info), data_dir=data_dir)
+    return _tfds_builder(_tfds_name(info), data_dir)
+
+
+def _feature_key(features, feature_type, preferred: str) -> str | None:
+    """`preferred` if it is a feature of `feature_type`, else the first such feature by name, else
+    None."""
+    keys = sorted(key for key, feature in features.items() if isinstance(feature, feature_type))
+    return preferred if preferred in keys else (keys[0] if keys else None)
+
+
+def _info_from_builder(name: str, builder) -> DatasetInfo:
+    """Metadata of a prepared TFDS dataset: the image and label features found by type, sizes
+    from the image feature, and what `hscl_jax.data.prepare` stored (statistics, sizes)."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    image_key = _feature_key(features, tfds.features.Image, "image")
+    label_key = _feature_key(features, tfds.features.ClassLabel, "label")
+    if image_key is None or label_key is None:
+        have = ", ".join(f"{key} ({type(features[key]).__name__})" for key in sorted(features))
+        raise DatasetFormatError(
+            f"Dataset {name!r} in {builder.data_path} has no image feature and class-label "
+            f"feature (tfds.features.Image and ClassLabel) to train on; it has: {have}."
+        )
+    splits = builder.info.splits
+    test_split = next((s for s in ("test", "validation") if s in splits), None)
+    if "train" not in splits or test_split is None:
+        raise DatasetFormatError(
+            f"Dataset {name!r} in {builder.data_path} has splits {', '.join(sorted(splits))}; "
+            f"training needs a 'train' split and a 'test' (or 'validation') split."
+        )
+    height, width, channels = features[image_key].shape
+    channels = channels or 3
+    stored = dict(builder.info.metadata or {}).get(PREPARED_METADATA_KEY) or {}
+    square = height is not None and height == width
+    default_size = min(height, width) if height and width else _DEFAULT_VARIABLE_IMAGE_SIZE
+    image_size = int(stored.get("image_size") or default_size)
+    default_crop = image_size if height else _DEFAULT_VARIABLE_CROP_SIZE
+    label = features[label_key]
+    return DatasetInfo(
+        name=name,
+        image_size=image_size,
+        channels=channels,
+        num_classes=label.num_classes,
+        crop_size=int(stored.get("crop_size") or min(default_crop, image_size)),
+        mean=tuple(stored.get("mean") or _DEFAULT_MEAN[channels]),
+        std=tuple(stored.get("std") or _DEFAULT_STD[channels]),
+        train_split="train",
+        test_split=test_split,
+        num_train=splits["train"].num_examples,
+        num_test=splits[test_split].num_examples,
+        grayscale=bool(stored.get("grayscale", channels == 1)),
+        variable_size=not square,
+        image_key=image_key,
+        label_key=label_key,
+        class_names=tuple(label.names),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_info(name: str, data_dir: str | None) -> DatasetInfo:
+    builder = _tfds_builder(name, data_dir)
+    if not builder.is_prepared():
+        raise DatasetNotPreparedError(_unknown_name_message(name, data_dir))
+    return _info_from_builder(name, builder)
+
+
+def prepared_dataset_info(name: str, data_dir: str | None) -> DatasetInfo:
+    """The `DatasetInfo` of TFDS dataset `name` prepared in `data_dir` (None: TFDS's default);
+    memoised per process. Images of one square size are decoded by TFDS; others (varying or
+    non-square) go through the variable-size path (`grain_source.ResizeDecode`). Statistics, sizes
+    and the preset are those `python -m hscl_jax.data.prepare` stored, else ImageNet's
+    statistics, the stored size (varying: 256) and crops of it (varying: 224)."""
+    return _cached_info(name, data_dir)
 
 
 def _check_split(info: DatasetInfo, split: str) -> None:
     if split not in (info.train_split, info.test_split):
-        raise ValueError(
+        raise DataError(
             f"Unknown split {split!r} for {info.name}; expected {info.train_split!r} or "
             f"{info.test_split!r}."
         )
@@ -100,6 +183,22 @@ def _reader_identity():
     # tfds.testing.mock_data patches DatasetBuilder.as_data_source with a fresh function per
     # context, so keying caches on it keeps mocked and real reads (and two mocks) apart.
     return tfds.core.DatasetBuilder.as_data_source
+
+
+@dataclasses.dataclass(frozen=True)
+class _Renamed(Sequence):
+    """A split whose image and label features have other names, read as {"image", "label"}."""
+
+    records: Sequence[dict]
+    image_key: str
+    label_key: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        return {"image": record[self.image_key], "label": record[self.label_key]}
 
 
 def open_split(
@@ -126,16 +225,11 @@ def _cached_open(
     reader_identity: object,
 ) -> Sequence[dict]:
     del reader_identity  # Only part of the cache key.
-    if info.name in DATASET_NAMES and info.name not in TFDS_DATASET_NAMES:
-        raise ValueError(
-            f"Dataset {info.name!r} is not read through TFDS; expected one of "
-            f"{', '.join(TFDS_DATASET_NAMES)} or the DatasetInfo of another TFDS dataset."
-        )
     _check_split(info, split)
     import tensorflow_datasets as tfds
 
     builder = _builder(info, data_dir)
-    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+    decoders = None if decode_images else {info.image_key: tfds.decode.SkipDecoding()}
     try:
         records = builder.as_data_source(split=split, decoders=decoders)
     except (NotImplementedError, ValueError) as error:
@@ -146,14 +240,16 @@ def _cached_open(
             raise DatasetFormatError(_format_message(_tfds_name(info), data_dir, builder)) from None
         raise
     if len(records) == 0:
-        raise ValueError(f"Split {split!r} of {info.name!r} in {data_dir} holds no examples.")
+        raise DataError(f"Split {split!r} of {info.name!r} in {data_dir} holds no examples.")
     expected = (info.image_size, info.image_size, info.channels)
-    shape = tuple(builder.info.features["image"].shape)
+    shape = tuple(builder.info.features[info.image_key].shape)
     if shape[-1:] != expected[-1:] or not (info.variable_size or shape == expected):
-        raise ValueError(
+        raise DatasetFormatError(
             f"{info.name} split {split!r} in {data_dir} has images of shape {shape}, "
             f"expected {expected}."
         )
+    if (info.image_key, info.label_key) != ("image", "label"):
+        return _Renamed(records, info.image_key, info.label_key)
     return records
 
 
@@ -181,6 +277,7 @@ def split_labels(info: DatasetInfo, data_dir: str | None, split: str) -> np.ndar
 
 
 def clear_cache() -> None:
-    """Forgets every split opened by `open_split` and every label array read by `split_labels`."""
+    """Forgets every split, label array and dataset metadata read so far (memoised per process)."""
     _cached_open.cache_clear()
     _cached_labels.cache_clear()
+    _cached_info.cache_clear()

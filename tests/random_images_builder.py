@@ -1,21 +1,23 @@
-"""`random_images`: a TFDS dataset of random PNG images, for pipeline tests and benchmarks.
+"""`random_images`: a TFDS dataset of random images that the package knows nothing of, for the
+pipeline tests (a catalogue-like dataset read by name, one stored as TFRecord).
 
-Each builder config fixes the number of examples and the image side, so that datasets of several
-sizes (e.g. 5,000 and 100,000 64x64x3 images for the memory benchmark) live side by side in one
-data dir. Images are uniform noise encoded as PNG (decoding them costs what decoding CIFAR does),
-or as JPEGs of varying sides for the "_varied" config (like ImageNet); labels cycle over 10
-classes. Importing this module imports tensorflow_datasets and registers the
-builder; `random_images_info` gives the matching `DatasetInfo` for `train_iterator(info=...)`.
+Each builder config fixes the number of examples and the image side. Images are uniform noise
+encoded as PNG, or as JPEGs of varying sides for the "_varied" config (like ImageNet), whose
+TFDS metadata gives the side to decode them to, as `python -m hscl_jax.data.prepare` does; labels
+cycle over 10 classes. Importing this module imports tensorflow_datasets and registers the
+builder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
-from hscl_jax.data.info import CIFAR_MEAN, CIFAR_STD, DatasetInfo
+from hscl_jax.data.tfds_source import PREPARED_METADATA_KEY
 
 RANDOM_IMAGES_CLASSES = 10
 _PIXEL_SEED = 7
@@ -47,12 +49,12 @@ class RandomImages(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First version."}
+    # TFDS looks for a builder's metadata files in its Python package; this module has none.
+    pkg_dir_path = epath.Path(__file__).parent
     BUILDER_CONFIGS = [
         _config(48, 16),
         _config(96, 16),
         _config(48, 16, variable_size=True),
-        _config(5_000, 64),
-        _config(100_000, 64),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -62,8 +64,10 @@ class RandomImages(tfds.core.GeneratorBasedBuilder):
         else:
             size = config.image_size
             image = tfds.features.Image(shape=(size, size, 3), encoding_format="png")
+        size = {"image_size": config.image_size, "crop_size": config.image_size}
         return self.dataset_info_from_configs(
-            description="Random images for input-pipeline tests and benchmarks.",
+            description="Random images for input-pipeline tests.",
+            metadata=tfds.core.MetadataDict({PREPARED_METADATA_KEY: size}),
             features=tfds.features.FeaturesDict(
                 {
                     "image": image,
@@ -91,45 +95,25 @@ class RandomImages(tfds.core.GeneratorBasedBuilder):
             if config.variable_size:
                 shape = tuple(rng.integers(size // 2, 2 * size + 1, size=2))
             image = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
-            yield index, {"image": image, "label": index % RANDOM_IMAGES_CLASSES}
+            yield index, {"image": _encoded(image, config), "label": index % RANDOM_IMAGES_CLASSES}
 
 
-def random_images_name(num_examples: int, image_size: int, variable_size: bool = False) -> str:
-    """The TFDS name ("random_images/<config>") of one of the BUILDER_CONFIGS."""
-    name = _config(num_examples, image_size, variable_size).name
-    if name not in {config.name for config in RandomImages.BUILDER_CONFIGS}:
-        known = ", ".join(config.name for config in RandomImages.BUILDER_CONFIGS)
-        raise ValueError(f"No random_images config {name!r}; expected one of {known}.")
-    return f"random_images/{name}"
+def _encoded(image: np.ndarray, config: RandomImagesConfig) -> bytes:
+    """The image as PNG (JPEG for the varied config), encoded by PIL: TFDS would import
+    TensorFlow to encode a numpy array."""
+    import PIL.Image
 
-
-def random_images_info(
-    num_examples: int, image_size: int, variable_size: bool = False
-) -> DatasetInfo:
-    """`DatasetInfo` of a random_images config: CIFAR statistics, crops of the full size."""
-    return DatasetInfo(
-        name=random_images_name(num_examples, image_size, variable_size),
-        image_size=image_size,
-        channels=3,
-        num_classes=RANDOM_IMAGES_CLASSES,
-        crop_size=image_size,
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
-        train_split="train",
-        test_split="test",
-        num_train=num_examples,
-        num_test=max(num_examples // 4, 1),
-        grayscale=False,
-        variable_size=variable_size,
-    )
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, format="JPEG" if config.variable_size else "PNG")
+    return buffer.getvalue()
 
 
 def prepare_random_images(
     num_examples: int, image_size: int, data_dir: str, variable_size: bool = False
 ) -> RandomImages:
     """Builds one random_images config as ArrayRecord files in `data_dir` (once; then reused)."""
-    name = random_images_name(num_examples, image_size, variable_size)
-    builder = tfds.builder(name, data_dir=data_dir)
+    config = _config(num_examples, image_size, variable_size)
+    builder = RandomImages(config=config.name, data_dir=data_dir)
     if not builder.is_prepared():
         builder.download_and_prepare(
             file_format="array_record",
