@@ -21,7 +21,7 @@ import ml_collections
 from absl import logging
 from ml_collections import config_dict
 
-from hscl_jax import data, losses, metrics, models, optim
+from hscl_jax import data, distributed, losses, metrics, models, optim
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,8 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     - ``num_steps`` (> 0 wins) or ``num_epochs`` (x steps per epoch of the train split).
     - ``num_devices``: local devices to use (None: all); ``distributed``: True to
       join a multi-process run (also when the environment sets HSCL_DISTRIBUTED=1; see
-      hscl_jax.distributed).
+      hscl_jax.distributed); ``parallelism``: how the step maps over the devices, "mesh"
+      (jax.jit of jax.shard_map over a Mesh) or "pmap" (hscl_jax.distributed.Parallelism).
     - ``model``: ``name`` (small_cnn | resnet18 | resnet50), ``width`` (None: reference width),
       ``stage_sizes`` (ResNets; None: the named depth), ``stem`` (ResNets: cifar | imagenet),
       ``head_hidden_dim`` (512),
@@ -87,6 +88,7 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
     config.num_steps = 0
     config.num_devices = config_dict.placeholder(int)
     config.distributed = False
+    config.parallelism = "mesh"
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet50"
@@ -300,6 +302,7 @@ def check_run(config) -> None:
         config.num_steps > 0 or config.num_epochs > 0,
         "config.num_steps and config.num_epochs are both 0: set one of them to train",
     )
+    _allowed(config.parallelism, distributed.PARALLELISMS, "config.parallelism")
     _require(
         isinstance(config.skip_nonfinite_steps, bool),
         f"config.skip_nonfinite_steps={config.skip_nonfinite_steps!r} must be True or False",

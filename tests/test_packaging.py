@@ -104,7 +104,7 @@ def _model_step_knn_results() -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from hscl_jax import config, evaluate, models, optim, step
+    from hscl_jax import config, distributed, evaluate, models, optim, step
 
     model = models.create_model(
         "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=step.AXIS_NAME
@@ -120,10 +120,12 @@ def _model_step_knn_results() -> dict[str, float]:
     features, projection = jax.jit(lambda v, x: model.apply(v, x, train=False))(
         variables, images[0]
     )
-    devices = jax.devices()[:1]
-    train_step = step.make_pmap_train_step(model, tx, "hscl", {"beta": 1.0}, devices)
+    parallel = distributed.Parallelism("pmap", jax.devices()[:1])
+    train_step = step.make_train_step(
+        parallel, model=model, tx=tx, loss_name="hscl", loss_kwargs={"beta": 1.0}
+    )
     batch = {"view1": images[:1], "view2": images[1:], "label": labels[None]}
-    new_state, metrics = train_step(step.replicate(state, devices), batch)
+    new_state, metrics = train_step(parallel.replicate(state), batch)
     moved = jax.tree.map(
         lambda new, old: jnp.abs(new[0] - old).max(), new_state.params, state.params
     )

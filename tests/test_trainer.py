@@ -164,6 +164,34 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(
 
 
 @pytest.mark.slow
+def test_checkpoints_restore_under_the_other_parallelism(tmp_path, tiny_digits_config):
+    """A pmap run's checkpoint resumed on a mesh ends where the pmap run ended (to float32
+    rounding: the two compile different programs); the mesh's final checkpoint, restored under
+    pmap, gives the mesh run's kNN accuracy. Two devices each; the kNN monitor runs under both."""
+
+    def config(parallelism):
+        c = tiny_digits_config(num_devices=2, eval_every_steps=2)
+        c.parallelism = parallelism
+        return c
+
+    pmap_dir, mesh_dir = str(tmp_path / "pmap"), str(tmp_path / "mesh")
+    pmap_final = trainer.train_and_evaluate(config("pmap"), pmap_dir)
+    assert _checkpoint_steps(pmap_dir) == [2, 4]
+    shutil.copytree(pmap_dir, mesh_dir)
+    shutil.rmtree(os.path.join(mesh_dir, "checkpoints", "4"))
+    mesh_final = trainer.train_and_evaluate(config("mesh"), mesh_dir)  # resumes from step 2
+    assert [r["step"] for r in _read_metrics(mesh_dir) if "knn_top1" in r] == [2, 4]
+    chex.assert_trees_all_close(
+        _restore_params(mesh_dir, 4), _restore_params(pmap_dir, 4), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(mesh_final["loss"], pmap_final["loss"], rtol=1e-4)
+    # Nothing left to train: the pmap trainer restores the mesh's step 4 and reports its kNN.
+    again = trainer.train_and_evaluate(config("pmap"), mesh_dir)
+    assert again["knn_top1"] == mesh_final["knn_top1"]
+    assert again["knn_top5"] == mesh_final["knn_top5"]
+
+
+@pytest.mark.slow
 def test_theory_monitor_logs_the_four_losses_per_step_and_per_epoch(
     tmp_path, monkeypatch, tiny_digits_config
 ):
@@ -366,9 +394,10 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def _train(tmp_path, workdir, *, kill_at=None, augment_on="device"):
+def _train(tmp_path, workdir, *, kill_at=None, augment_on="device", parallelism="mesh"):
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
     command.append(f"--config.data.augment_on={augment_on}")
+    command.append(f"--config.parallelism={parallelism}")
     env = _subprocess_env(tmp_path, num_devices=2)
     if kill_at is not None:
         command[1:2] = ["-c", _KILLING_RUNNER]
@@ -379,14 +408,15 @@ def _train(tmp_path, workdir, *, kill_at=None, augment_on="device"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augment_on", ["host", "device"])
-def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, augment_on):
+@pytest.mark.parametrize("parallelism, augment_on", [("mesh", "device"), ("pmap", "host")])
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, parallelism, augment_on):
     reference_dir = str(tmp_path / "uninterrupted")
     killed_dir = str(tmp_path / "killed")
-    result = _train(tmp_path, reference_dir, augment_on=augment_on)
+    options = {"augment_on": augment_on, "parallelism": parallelism}
+    result = _train(tmp_path, reference_dir, **options)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result = _train(tmp_path, killed_dir, kill_at=6, augment_on=augment_on)
+    result = _train(tmp_path, killed_dir, kill_at=6, **options)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoints = os.path.join(killed_dir, "checkpoints")
     # Orbax writes "<step>.orbax-checkpoint-tmp" and renames it to "<step>" once complete; the kill
@@ -398,7 +428,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, augment_on):
     shutil.copytree(os.path.join(checkpoints, "4"), partial)
     shutil.rmtree(os.path.join(partial, "state"))
 
-    result = _train(tmp_path, killed_dir, augment_on=augment_on)
+    result = _train(tmp_path, killed_dir, **options)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from checkpoint at step {4 if unfinished else 6}" in result.stderr
     # Steps logged by the killed run after its last complete checkpoint are logged once, again.
