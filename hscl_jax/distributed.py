@@ -186,14 +186,6 @@ def stack_first_replicas_to_host(trees: list) -> Any:
     return _first_shards_to_host(trees, jnp.concatenate)
 
 
-def _wait_for_each_call(mapped: Callable) -> Callable:
-    def call(*args):
-        return jax.block_until_ready(mapped(*args))
-
-    call.lower = mapped.lower  # type: ignore[attr-defined]
-    return call
-
-
 @dataclasses.dataclass(frozen=True)
 class Parallelism:
     """How a run maps its per-device functions (written with collectives over AXIS_NAME) over
@@ -239,8 +231,10 @@ class Parallelism:
         replicated (``PartitionSpec()``) and which are batches (``PartitionSpec(AXIS_NAME)``):
         the mesh's ``shard_map`` specs (pmap puts every value on a leading device axis)."""
         if self.kind == "pmap":
-            return jax.pmap(
-                fn, axis_name=AXIS_NAME, devices=self.devices, donate_argnums=donate_argnums
+            return self.paced(
+                jax.pmap(
+                    fn, axis_name=AXIS_NAME, devices=self.devices, donate_argnums=donate_argnums
+                )
             )
         mapped = jax.jit(
             jax.shard_map(
@@ -260,14 +254,26 @@ class Parallelism:
             ),
             donate_argnums=donate_argnums,
         )
-        if self.devices[0].platform != "cpu":
+        return self.paced(mapped)
+
+    def paced(self, mapped: Callable) -> Callable:
+        """``mapped`` (a function of :meth:`map`, or its compiled executable) as it is to be
+        called: on several CPU devices each call waits for its results; else ``mapped`` itself."""
+        if self.devices[0].platform != "cpu" or len(self.devices) == 1:
             return mapped
-        # XLA:CPU runs each device of a call on its own thread. jit(shard_map) calls whose body
-        # all-gathers, dispatched many times without waiting, can leave one device's thread
-        # behind in the all-gather rendezvous while the others run ahead, until XLA aborts
-        # (pmap's dispatch does not do this). Waiting for each call's results keeps one call in
-        # flight; on CPU the "devices" are the host's own cores, so little overlap is lost.
-        return _wait_for_each_call(mapped)
+
+        # XLA:CPU runs each device of a call on its own thread. Calls whose body all-gathers,
+        # dispatched many times without waiting, can leave one device's thread behind in the
+        # all-gather rendezvous while the others run ahead, until XLA aborts after 40 s (seen
+        # with this train step on 8 devices under both parallelisms, pmap included, within 300
+        # calls). Waiting for each call's results keeps one call in flight; on CPU the
+        # "devices" are the host's own cores, so little overlap of host and device work is lost.
+        def call(*args):
+            return jax.block_until_ready(mapped(*args))
+
+        if hasattr(mapped, "lower"):
+            call.lower = mapped.lower  # type: ignore[attr-defined]
+        return call
 
     def replicate(self, tree: Any) -> Any:
         """``tree`` (host or device arrays, the same on every process) on every device."""
