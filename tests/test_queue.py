@@ -82,10 +82,21 @@ def test_queue_positives_need_a_supervised_loss(tiny_digits_config):
     assert config_lib.queue_options(config)["loss_kwargs"] == {"queue_as_positives": True}
 
 
-def _first_step(config):
-    """The host state after one step of ``config``'s built step on one device, on zero images."""
+def _first_step(config, *, without_queue_options=False):
+    """The host state after one step of ``config``'s built step on one device, on random views;
+    ``without_queue_options``: of the same model, optimiser and loss assembled with no queue
+    setting at all instead."""
     config.data.augment_on = "host"  # float views in: the queue does not depend on augmentation
     built = step_lib.build_step(config, jax.local_devices()[:1])
+    step = built.train_step
+    if without_queue_options:
+        step = step_lib.make_train_step(
+            built.parallel,
+            model=built.model,
+            tx=built.tx,
+            loss_name=config.loss.name,
+            loss_kwargs=config_lib.loss_options(config.loss),
+        )
     shape = (1, config.global_batch_size, *built.input_shape)
     rng = np.random.default_rng(0)
     batch = {
@@ -93,21 +104,20 @@ def _first_step(config):
         "view2": rng.normal(size=shape).astype(np.float32),
         "label": rng.integers(0, 3, size=shape[:2]).astype(np.int32),
     }
-    state, _ = built.train_step(
-        built.parallel.replicate(built.init_state()), built.parallel.put_batch(batch)
-    )
+    state, _ = step(built.parallel.replicate(built.init_state()), built.parallel.put_batch(batch))
     return built.parallel.to_host(state)
 
 
 def test_queue_size_0_gives_exactly_the_step_without_a_queue(tiny_digits_config):
-    without = tiny_digits_config()
-    del without["queue"]  # a config written before queues existed
     off = tiny_digits_config()
     assert off.queue.size == 0
-    state_without, state_off = _first_step(without), _first_step(off)
+    # Settings that would change a step with a queue; at size 0 they must change nothing.
+    off.queue.as_positives, off.queue.q, off.queue.momentum = True, "grows", 0.5
+    state_off = _first_step(off)
     assert state_off.queue is None and state_off.momentum is None
     assert set(state_off.to_dict()) == {"step", "params", "batch_stats", "opt_state"}
-    chex.assert_trees_all_equal(state_off.to_dict(), state_without.to_dict())
+    plain = _first_step(tiny_digits_config(), without_queue_options=True)
+    chex.assert_trees_all_equal(state_off.to_dict(), plain.to_dict())
     on = tiny_digits_config()
     on.queue.size = 32
     state_on = _first_step(on)
