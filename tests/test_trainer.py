@@ -394,10 +394,9 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def _train(tmp_path, workdir, *, kill_at=None, augment_on="device", parallelism="mesh"):
+def _train(tmp_path, workdir, *, kill_at=None):
+    """train.py on the default config (on a mesh, device augmentation) on 2 devices."""
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
-    command.append(f"--config.data.augment_on={augment_on}")
-    command.append(f"--config.parallelism={parallelism}")
     env = _subprocess_env(tmp_path, num_devices=2)
     if kill_at is not None:
         command[1:2] = ["-c", _KILLING_RUNNER]
@@ -408,15 +407,13 @@ def _train(tmp_path, workdir, *, kill_at=None, augment_on="device", parallelism=
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism, augment_on", [("mesh", "device"), ("pmap", "host")])
-def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, parallelism, augment_on):
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
     reference_dir = str(tmp_path / "uninterrupted")
     killed_dir = str(tmp_path / "killed")
-    options = {"augment_on": augment_on, "parallelism": parallelism}
-    result = _train(tmp_path, reference_dir, **options)
+    result = _train(tmp_path, reference_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result = _train(tmp_path, killed_dir, kill_at=6, **options)
+    result = _train(tmp_path, killed_dir, kill_at=6)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoints = os.path.join(killed_dir, "checkpoints")
     # Orbax writes "<step>.orbax-checkpoint-tmp" and renames it to "<step>" once complete; the kill
@@ -428,7 +425,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, parallelism, augm
     shutil.copytree(os.path.join(checkpoints, "4"), partial)
     shutil.rmtree(os.path.join(partial, "state"))
 
-    result = _train(tmp_path, killed_dir, **options)
+    result = _train(tmp_path, killed_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from checkpoint at step {4 if unfinished else 6}" in result.stderr
     # Steps logged by the killed run after its last complete checkpoint are logged once, again.
