@@ -100,8 +100,9 @@ def maybe_initialize(config) -> None:
 
 
 def mapped_devices(num_local_devices: int) -> list:
-    """The devices a pmap over every process must name: the first ``num_local_devices`` local
-    devices of every process, in ``jax.devices()`` order.
+    """The devices a step mapped over every process spans (:class:`Parallelism`'s devices): the
+    first ``num_local_devices`` local devices of every process, in ``jax.devices()`` order,
+    so that each process's devices hold the slice of every global batch it reads.
 
     (``jax.pmap(devices=jax.local_devices())`` in a multi-process run maps over this process's
     devices alone: its collectives never leave the process, and each process trains a model of
