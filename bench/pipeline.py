@@ -99,8 +99,9 @@ def _random_cifar_source(builder, split, decoders=None, **kwargs):
 def make_step(config):
     """The trainer's pmapped step for ``config`` on one device, and its replicated state."""
     devices = jax.local_devices()[:1]
+    config.parallelism = "pmap"  # the batches here have pmap's (devices, b, ...) layout
     built = step_lib.build_step(config, devices)
-    return built.train_step, step_lib.replicate(built.init_state(), devices)
+    return built.train_step, built.parallel.replicate(built.init_state())
 
 
 def step_pairs_per_second(step, state, batch, steps: int):

@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hscl_jax import checkpoints, data, features, losses, metrics, models, plot, theory
+from hscl_jax import checkpoints, data, distributed, features, losses, metrics, models, plot, theory
 from hscl_jax import config as config_lib
-from hscl_jax import step as step_lib
 from hscl_jax.theory import ASSUMPTION_KEYS, FLAG_KEYS, LOSS_KEYS, SWEEP_KEYS, THEORY_KEYS
 
 THEORY_COLUMNS = (
@@ -150,7 +149,7 @@ def _test_embeddings(config, model, variables, *, max_examples: int, batch_size:
     devices = jax.local_devices()[:1]
     return features.split_features(
         features.make_feature_fn(model, devices),
-        step_lib.replicate(variables, devices),
+        distributed.replicate(variables, devices),
         config.data,
         data.dataset_info(config.data.name, config.data.data_dir).test_split,
         batch_size=batch_size,

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hscl_jax import checkpoints, data, features, metrics, models
+from hscl_jax import checkpoints, data, distributed, features, metrics, models
 from hscl_jax import config as config_lib
-from hscl_jax import step as step_lib
 
 
 def _check_knn_inputs(train_features, train_labels, test_features, num_classes, k, temperature):
@@ -349,7 +348,7 @@ def evaluate_workdir(
     model = models.model_from_config(config.model)
     devices = jax.local_devices()[:1]
     feature_fn = features.make_feature_fn(model, devices)
-    replicated = step_lib.replicate(variables, devices)
+    replicated = distributed.replicate(variables, devices)
     info = data.dataset_info(config.data.name, config.data.data_dir)
     train_x, train_y, test_x, test_y = _train_and_test_features(config, feature_fn, replicated, 1)
     common = dict(num_classes=info.num_classes)

@@ -1,28 +1,58 @@
-"""Encoder features of a dataset split: the pmapped feature function, the loop over evaluation
-batches, the gather across processes, and :func:`split_features` that combines them.
+"""Encoder features of a dataset split: the feature function mapped over the devices, the loop over
+evaluation batches, the gather across processes, and :func:`split_features` that combines them.
 
-Layer 2: imports models and data (layer 0); imported by evaluate.py (the kNN monitor, a finished
-run), analysis.py (test-set embeddings) and anything later.
+The feature function is mapped as the train step is (hscl_jax.distributed.Parallelism: a
+``shard_map`` over a mesh, or ``pmap``), so the trainer's kNN monitor reads the replicated train
+state where it lies. uint8 evaluation images are preprocessed on the devices, in the same mapped
+function as the encoder.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
-from hscl_jax import data, models
+from hscl_jax import data, distributed, models
+
+# How uint8 evaluation images become the encoder's input: (the dataset, the eval image size).
+EvalImages = tuple[data.DatasetInfo, int]
 
 
-def make_feature_fn(model: models.ContrastiveModel, devices) -> Callable:
-    """pmapped ``(variables, images (D, b, ...)) -> normalised encoder features (D, b, d)``."""
+def _features_of(variables, images, *, model: models.ContrastiveModel, eval_images):
+    if eval_images is not None:
+        images = data.eval_images(images, *eval_images)
+    features, _ = model.apply(variables, images, train=False)
+    return features
 
-    def features_of(variables, images):
-        features, _ = model.apply(variables, images, train=False)
-        return features
 
-    return jax.pmap(features_of, devices=devices)
+def make_feature_fn(
+    model: models.ContrastiveModel, devices, parallelism: str = "pmap"
+) -> Callable[..., np.ndarray]:
+    """``(variables, images, eval_images=None) -> features`` mapped over ``devices`` (those of
+    every process) as ``parallelism`` says ("mesh" or "pmap": hscl_jax.distributed.Parallelism).
+
+    ``variables`` are replicated over ``devices`` as that parallelism replicates;
+    ``images`` are this process's (local devices, b, H, W, C); the result is its normalised
+    encoder features (local devices x b, d), host numpy. ``eval_images`` (:data:`EvalImages`):
+    the images are uint8 and are preprocessed on the devices first; None: they are ready.
+    """
+    parallel = distributed.Parallelism(parallelism, tuple(devices))
+    replicated, sharded = PartitionSpec(), PartitionSpec(distributed.AXIS_NAME)
+    mapped: dict[Any, Callable] = {}  # one compiled function per kind of input images
+
+    def features(variables, images, eval_images: EvalImages | None = None) -> np.ndarray:
+        if eval_images not in mapped:
+            per_device = functools.partial(_features_of, model=model, eval_images=eval_images)
+            mapped[eval_images] = parallel.map(per_device, (replicated, sharded), sharded)
+        output = mapped[eval_images](variables, parallel.put_batch(images))
+        return parallel.local_rows(output)
+
+    return features
 
 
 def compute_features(
@@ -30,17 +60,20 @@ def compute_features(
     variables,
     batches: Iterable[dict[str, np.ndarray]],
     *,
+    eval_images: EvalImages | None = None,
     max_examples: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Encoder features and labels of every unmasked example of ``batches`` (numpy, host).
 
-    ``apply_features`` is a pmapped ``(variables, images) -> features``; ``batches`` yields
-    {"image": (D, b, ...), "label": (D, b), "mask": (D, b)} as data.eval_iterator does.
-    ``max_examples`` stops after that many examples (None: all).
+    ``apply_features`` comes from :func:`make_feature_fn`; ``batches`` yields
+    {"image": (D, b, ...), "label": (D, b), "mask": (D, b)} as data.eval_iterator does; uint8
+    images are preprocessed per ``eval_images``. ``max_examples`` stops after that many examples
+    (None: all).
     """
     features, labels, collected = [], [], 0
     for batch in batches:
-        batch_features = np.asarray(apply_features(variables, batch["image"]))
+        raw = np.asarray(batch["image"]).dtype == np.uint8
+        batch_features = apply_features(variables, batch["image"], eval_images if raw else None)
         mask = np.asarray(batch["mask"]).reshape(-1)
         features.append(batch_features.reshape(mask.shape[0], -1)[mask])
         labels.append(np.asarray(batch["label"]).reshape(-1)[mask])
@@ -79,20 +112,23 @@ def split_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of ``split`` of ``data_config``'s dataset, gathered from all processes.
 
-    ``feature_fn`` comes from :func:`make_feature_fn` over ``num_local_devices`` devices and
-    ``replicated_variables`` are the model variables replicated over them; ``batch_size`` is
-    global. ``max_examples`` (single process) keeps the first that many examples only.
+    ``feature_fn`` comes from :func:`make_feature_fn` over ``num_local_devices`` devices of
+    every process and ``replicated_variables`` are the model variables replicated over them;
+    ``batch_size`` is global. ``max_examples`` (single process) keeps the first that many
+    examples only.
     """
     batches = data.eval_iterator(
         data_config, split=split, batch_size=batch_size, num_local_devices=num_local_devices
     )
-    # The stream holds uint8 images, preprocessed here on the devices.
-    devices = jax.local_devices()[:num_local_devices]
-    preprocess = jax.pmap(data.eval_preprocessing(data_config), devices=devices)
-    images_ready = ({**batch, "image": preprocess(batch["image"])} for batch in batches)
+    info = data.dataset_info(data_config.name, data_config.get("data_dir"))
+    eval_images = (info, data_config.eval_image_size)
     try:
         features, labels = compute_features(
-            feature_fn, replicated_variables, images_ready, max_examples=max_examples
+            feature_fn,
+            replicated_variables,
+            batches,
+            eval_images=eval_images,
+            max_examples=max_examples,
         )
     finally:
         close = getattr(batches, "close", None)

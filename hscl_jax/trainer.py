@@ -2,27 +2,23 @@
 config.json, metrics.jsonl, TensorBoard events and checkpoints to a run directory, and resumes from
 its latest checkpoint.
 
-Its pieces: :func:`setup` (config checks, devices, the step), :func:`init_or_restore` (the
-initial or checkpointed state), :class:`StepMetrics` (the step metrics of a logging interval and the
-theory means of an epoch), and :func:`due`, which decides when to log, evaluate and save. The
-config, step, checkpoints, metrics and evaluation live in their own modules (README, Layout).
-
-Layer 5: imports every earlier layer; imported by sweep.py and train.py.
+Its pieces: :func:`setup` (config checks, devices, the mapped step), :func:`open_batches` (the
+training stream in the form the step takes), :func:`init_or_restore` (the initial or checkpointed
+state, a host tree that either parallelism replicates), and :func:`due`, which decides when to
+log, evaluate and save. The step metrics and the theory monitor's reference view live in
+hscl_jax.monitors; the config, step, checkpoints, metrics and evaluation in their own modules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from hscl_jax import (
@@ -32,18 +28,13 @@ from hscl_jax import (
     evaluate,
     features,
     locks,
-    losses,
     metrics,
     models,
+    monitors,
     preemption,
-    theory,
 )
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
-
-# Metrics every step returns besides "finite": the loss, the gradient norm and the loss's aux
-# figures; the logged record of an interval holds their means over its finite steps.
-STEP_METRIC_KEYS = ("loss", "grad_norm", *losses.LossAux._fields)
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -64,14 +55,14 @@ class Run:
     is_chief: bool
 
     @property
-    def devices(self):
-        """The devices the step maps over: this process's and every other process's."""
-        return self.built.devices
+    def parallel(self) -> distributed.Parallelism:
+        """How the step maps over the devices of every process (config.parallelism)."""
+        return self.built.parallel
 
     @property
-    def local_devices(self):
-        """This process's share of :attr:`devices` (the leading axis of its batches)."""
-        return [d for d in self.built.devices if d.process_index == jax.process_index()]
+    def local_devices(self) -> list:
+        """This process's share of the devices (the leading axis of its batches)."""
+        return self.parallel.local_devices
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -110,7 +101,7 @@ def check_data_opens(config: ml_collections.ConfigDict, num_local_devices: int) 
 
 
 def open_batches(run: Run, start_step: int):
-    """The training stream from batch ``start_step`` on, prefetched to the devices."""
+    """The training stream from batch ``start_step`` on, in the form the mapped step takes."""
     config = run.config
     batches = data.train_iterator(
         config.data,
@@ -119,7 +110,11 @@ def open_batches(run: Run, start_step: int):
         start_step=start_step,
         num_local_devices=len(run.local_devices),
     )
-    return data.prefetch_to_device(batches, size=2)
+    if run.parallel.kind == "pmap":
+        return data.prefetch_to_device(batches, size=2)
+    # No read-ahead queue: the step is dispatched asynchronously, so the transfer of the next
+    # batch, issued when the loop asks for it, overlaps the step still running.
+    return (run.parallel.put_batch(batch) for batch in batches)
 
 
 def write_run_config(run: Run) -> None:
@@ -134,6 +129,7 @@ def write_run_config(run: Run) -> None:
             "total_steps": built.total_steps,
             "num_processes": jax.process_count(),
             "num_local_devices": num_local_devices,
+            "parallelism": run.parallel.kind,
             "per_device_batch_size": run.config.global_batch_size
             // (jax.process_count() * num_local_devices),
             "loss_options": built.loss_options,
@@ -171,194 +167,6 @@ def init_or_restore(run: Run, manager) -> tuple[int | None, step_lib.TrainState]
         )
     logging.info("Resumed from checkpoint at step %d", latest)
     return latest, step_lib.TrainState(**host_state)
-
-
-def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
-
-
-class StepMetrics:
-    """The step metrics of the current logging interval, kept on the devices until :meth:`flush`
-    checks their finiteness and writes their means; and the theory means of the current epoch."""
-
-    def __init__(self, run: Run, writer: metrics.MetricWriter, last_checkpoint: Callable, start):
-        self._run = run
-        self._writer = writer
-        self._last_checkpoint = last_checkpoint
-        self._keys = STEP_METRIC_KEYS
-        if run.built.theory_options is not None:
-            self._keys += theory.THEORY_KEYS
-        self._pending: list[dict[str, jax.Array]] = []
-        self._pending_steps: list[int] = []
-        self._epoch_theory: list[dict[str, np.ndarray]] = []  # finite steps' values, per flush
-        self.skipped_total = 0
-        self.final: dict[str, float] = {}
-        self.restart_clock(start)
-
-    def restart_clock(self, step: int | None = None) -> None:
-        """Starts timing steps/s anew (from ``step`` when given): compilation and evaluation
-        stay out of it."""
-        self._clock = time.time()
-        if step is not None:
-            self._clock_step = step
-
-    def add(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
-        self._pending.append(device_metrics)
-        self._pending_steps.append(step)
-
-    def flush(self, step: int) -> None:
-        """Checks finiteness of the steps run since the last flush and logs their mean metrics."""
-        if not self._pending:
-            return
-        fetched = step_lib.stack_first_replicas_to_host(self._pending)
-        steps = np.asarray(self._pending_steps)
-        self._pending, self._pending_steps = [], []
-        finite = fetched["finite"] >= 1
-        self._check_finite(steps, finite, fetched)
-        if self._run.built.theory_options is not None:
-            self._epoch_theory.append({k: fetched[k][finite] for k in theory.THEORY_KEYS})
-        rows = finite if finite.any() else np.arange(len(steps)) == len(steps) - 1
-        summary = {key: float(np.mean(fetched[key][rows])) for key in self._keys}
-        steps_per_sec = (step - self._clock_step) / max(time.time() - self._clock, 1e-9)
-        summary.update(
-            learning_rate=float(self._run.built.schedule(step - 1)),
-            steps_per_sec=steps_per_sec,
-            skipped_steps=float(self.skipped_total),
-        )
-        self._writer.write(step, summary)
-        self.final.update(summary)
-        self._log(step, summary, steps_per_sec)
-        self.restart_clock(step)
-
-    def _check_finite(self, steps: np.ndarray, finite: np.ndarray, fetched) -> None:
-        bad_steps = steps[~finite].tolist()
-        if not bad_steps:
-            return
-        if not self._run.config.skip_nonfinite_steps:
-            first = int(np.argmin(finite))
-            kept = self._last_checkpoint()
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {bad_steps[0]} "
-                f"(loss={fetched['loss'][first]}, grad_norm={fetched['grad_norm'][first]}); "
-                f"stopping. Last good checkpoint: {'none' if kept is None else f'step {kept}'} "
-                f"in {self._run.workdir}/checkpoints. "
-                "Set config.skip_nonfinite_steps=True to skip such steps instead."
-            )
-        self.skipped_total += len(bad_steps)
-        logging.warning("skipped non-finite steps %s", bad_steps)
-
-    def _log(self, step: int, summary: dict[str, float], steps_per_sec: float) -> None:
-        total = self._run.built.total_steps
-        eta = (total - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
-        logging.info(
-            "step %d/%d | loss %.4f | anchors %.0f | pos %.3f neg %.3f | eff_neg %.1f | lr %.2e | "
-            "%.2f steps/s | ETA %s",
-            step,
-            total,
-            summary["loss"],
-            summary["num_anchors"],
-            summary["mean_pos_cos"],
-            summary["mean_neg_cos"],
-            summary["effective_negatives"],
-            summary["learning_rate"],
-            steps_per_sec,
-            _format_duration(eta),
-        )
-
-    def write_epoch_theory(self, step: int) -> None:
-        """Record {"step", "epoch", THEORY_KEYS} of the epoch ending at ``step``: means over its
-        finite steps (after a resume mid-epoch, over the steps run since the resume)."""
-        parts, self._epoch_theory = self._epoch_theory, []
-        if not sum(len(p[theory.THEORY_KEYS[0]]) for p in parts):
-            logging.warning("epoch ending at step %d had no finite step: no theory record", step)
-            return
-        record = {"epoch": step // self._run.steps_per_epoch}
-        for key in theory.THEORY_KEYS:
-            record[key] = float(np.mean(np.concatenate([p[key] for p in parts])))
-        self._writer.write(step, record, tensorboard_prefix="epoch/")
-        logging.info(
-            "epoch %d: hscl %.4f hucl %.4f scl %.4f ucl %.4f | assumption holds for %.3f",
-            record["epoch"],
-            record["hscl"],
-            record["hucl"],
-            record["scl"],
-            record["ucl"],
-            record["assumption_fraction"],
-        )
-
-
-class ReferenceMonitor:
-    """The theory monitor's N -> infinity view (config.theory.reference_size > 0): at a logging
-    step, the H-SCL loss of a fixed training batch against its own views, against its views plus
-    the queue's newest k keys, and against a fixed reference set of training examples, all
-    embedded by the current online model (hscl_jax.theory.negative_set_estimates).
-
-    The batch is the run's first (augmented) training batch and the reference set the first
-    ``reference_size`` unaugmented training examples, both fixed for the whole run. They are
-    embedded as the step embeds its batch (BatchNorm with the pass's own statistics, not kept), on
-    the first device.
-    """
-
-    def __init__(self, run: Run):
-        config = run.config
-        size = config_lib.reference_size_for(config)
-        batch = next(
-            data.train_iterator(
-                config.data,
-                global_batch_size=config.global_batch_size,
-                seed=config.data.seed,
-                num_local_devices=1,
-            )
-        )
-        views = data.augment_views(batch, data.augmentation_for(config.data))
-        self._views = np.concatenate([np.asarray(view[0]) for view in views])
-        self._labels = batch["label"][0]
-        preprocess = data.eval_preprocessing(config.data)
-        images, labels = [], []
-        for eval_batch in data.eval_iterator(
-            config.data, split="train", batch_size=min(size, 1024), num_local_devices=1
-        ):
-            mask = eval_batch["mask"][0]
-            images.append(np.asarray(preprocess(eval_batch["image"][0]))[mask])
-            labels.append(eval_batch["label"][0][mask])
-            if sum(len(x) for x in labels) >= size:
-                break
-        self._reference = np.concatenate(images)[:size]
-        self._reference_labels = np.concatenate(labels)[:size]
-        model = models.model_from_config(config.model)  # no cross-device BatchNorm
-
-        def project(variables, images):
-            (_, projection), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-            return projection.astype(np.float32)
-
-        self._project = jax.jit(project)
-        self._options = run.built.theory_options
-
-    def __call__(self, state) -> dict[str, float]:
-        variables = step_lib.first_replica_to_host(
-            {"params": state.params, "batch_stats": state.batch_stats}
-        )
-        views = self._project(variables, self._views)
-        reference = self._project(variables, self._reference)
-        queue = {}
-        if state.queue is not None:
-            host_queue = step_lib.first_replica_to_host(
-                {k: state.queue[k] for k in ("keys", "labels", "count")}
-            )
-            queue = {
-                "queue_keys": host_queue["keys"],
-                "queue_labels": host_queue["labels"],
-                "queue_count": int(host_queue["count"]),
-            }
-        z1, z2 = views[: len(self._labels)], views[len(self._labels) :]
-        return theory.negative_set_estimates(
-            z1, z2, self._labels, reference, self._reference_labels, **self._options, **queue
-        )
 
 
 def run_knn(run: Run, feature_fn, state, writer, step: int, *, write: bool = True) -> dict:
@@ -427,12 +235,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             start_step = 0 if restored_step is None else restored_step
             batches = open_batches(run, start_step)
         write_run_config(run)
-        state = step_lib.replicate(state, run.devices)
+        state = run.parallel.replicate(state)
         _log_start(run)
         writer = metrics.MetricWriter(workdir, enabled=run.is_chief, resumed_at=restored_step)
         held.callback(writer.close)
-        step_metrics = StepMetrics(run, writer, manager.latest_step, start_step)
-        feature_fn = features.make_feature_fn(run.built.model, run.devices)
+        step_metrics = monitors.StepMetrics(
+            run.built,
+            writer,
+            workdir=workdir,
+            steps_per_epoch=run.steps_per_epoch,
+            skip_nonfinite_steps=config.skip_nonfinite_steps,
+            last_checkpoint=manager.latest_step,
+            start=start_step,
+        )
+        feature_fn = features.make_feature_fn(
+            run.built.model, run.parallel.devices, run.parallel.kind
+        )
         state, knn = _train_loop(
             run, manager, writer, step_metrics, feature_fn, state, batches, start_step, stop
         )
@@ -473,7 +291,9 @@ def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, 
     Raises preemption.StopRequested after saving the step at which ``stop`` (a
     preemption.StopSignals) asks to stop."""
     config, total = run.config, run.built.total_steps
-    reference = ReferenceMonitor(run) if config_lib.reference_size_for(config) else None
+    reference = None
+    if config_lib.reference_size_for(config):
+        reference = monitors.ReferenceMonitor(config, run.built)
     knn = None
     loop_start = time.time()
     for step in range(start_step + 1, total + 1):
@@ -497,7 +317,7 @@ def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, 
         if stopping and not checkpoint_due:
             step_metrics.flush(step)
         if checkpoint_due or stopping:
-            host = step_lib.first_replica_to_host(state.to_dict())
+            host = run.parallel.to_host(state.to_dict())
             meta = {"step": step, "config": run.config_json}
             checkpoints.save_checkpoint(manager, step, host, meta)
         if stopping:

@@ -39,13 +39,28 @@ def test_loss_benchmark_prints_its_table_and_both_memory_rows():
     assert re.search(rf"dense loss\+grad at 2B=256: .* {NUMBER} GB", out), out
 
 
-def test_train_step_benchmark_prints_its_row():
-    out = _run("bench/train_step.py", "--cases=small_cnn", "--steps=1", "--batch=8")
-    row = r"^small_cnn\s+8" + rf"\s+{NUMBER}" * 5 + r"%\s*$"
-    assert re.search(row, out, re.MULTILINE), out
+def test_train_step_benchmark_prints_both_parallelisms_the_ratio_and_the_augmentation_row():
+    out = _run(
+        "bench/train_step.py",
+        "--cases=small_cnn",
+        "--steps=1",
+        "--repeats=2",
+        "--batch=16",
+        "--save-hiccup",
+        "--augment",
+        "--augment-model=small_cnn",
+        "--augment-batch=16",
+    )
+    for mode in ("mesh", "pmap"):
+        row = rf"^small_cnn\s+16\s+{mode}" + rf"\s+{NUMBER}" * 5 + r"\s+-\s*$"  # CPU: no peak
+        assert re.search(row, out, re.MULTILINE), out
+    ratio = rf"^small_cnn: mesh/pmap step time {NUMBER} \(median of 2 alternating rounds"
+    assert re.search(ratio, out, re.MULTILINE), out
     for mode in ("async", "sync"):
         hiccup = rf"^small_cnn\s+{mode}" + rf"\s+-?{NUMBER}" * 4 + r"\s*$"
         assert re.search(hiccup, out, re.MULTILINE), out
+    augment = rf"pipeline {NUMBER} pairs/s .* step {NUMBER} pairs/s; ratio pipeline/step: {NUMBER}$"
+    assert re.search(augment, out, re.MULTILINE), out
 
 
 def test_pipeline_benchmark_augment_mode_prints_a_row_per_shape():

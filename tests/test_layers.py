@@ -28,6 +28,7 @@ LAYERS = {
     "plot": 2,
     "step": 3,
     "evaluate": 4,
+    "monitors": 4,
     "analysis": 4,
     "trainer": 5,
     "sweep": 6,

@@ -1,5 +1,6 @@
 """Two processes x 4 devices (python -m hscl_jax.launch, gloo on CPU) against one process x 8
-devices: the same run, read, evaluated and checkpointed as one.
+devices: the same run, read, evaluated and checkpointed as one, on a mesh (the default
+parallelism) and once under pmap.
 
 Every run goes through tests/multihost_runner.py, which records what each process read and wrote.
 """
@@ -43,8 +44,9 @@ _TINY_FLAGS = [
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
 
-def _run(cache_dir, workdir, *, processes, env_extra=None, launch_flags=()):
-    """train.py through the recording runner on 1 process x 8 devices or 2 x 4."""
+def _run(cache_dir, workdir, *, processes, env_extra=None, launch_flags=(), flags=()):
+    """train.py through the recording runner on 1 process x 8 devices or 2 x 4 (the default
+    parallelism, "mesh", unless ``flags`` say otherwise)."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=REPO,
@@ -55,7 +57,7 @@ def _run(cache_dir, workdir, *, processes, env_extra=None, launch_flags=()):
         HSCL_TEST_RECORDS=f"{workdir}_records",
     )
     env.update(env_extra or {})
-    command = [RUNNER, f"--workdir={workdir}", *_TINY_FLAGS]
+    command = [RUNNER, f"--workdir={workdir}", *_TINY_FLAGS, *flags]
     if processes > 1:
         command = [
             "-m",
@@ -120,6 +122,18 @@ def test_two_processes_end_with_the_parameters_of_one(runs):
         np.testing.assert_allclose(
             actual, expected, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def test_two_processes_under_pmap_end_with_the_parameters_of_one_on_a_mesh(
+    runs, jax_cache, tmp_path
+):
+    workdir = str(tmp_path / "pmap")
+    result = _run(jax_cache, workdir, processes=2, flags=["--config.parallelism=pmap"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    one, two = _restore(runs["one"], NUM_STEPS), _restore(workdir, NUM_STEPS)
+    for expected, actual in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
+    assert _metrics(workdir)[-1]["knn_top1"] == _metrics(runs["one"])[-1]["knn_top1"]
 
 
 def test_the_logged_metrics_and_knn_accuracy_match_one_process(runs):

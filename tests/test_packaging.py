@@ -104,7 +104,7 @@ def _model_step_knn_results() -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from hscl_jax import config, data, evaluate, models, optim, step
+    from hscl_jax import config, data, distributed, evaluate, models, optim, step
 
     model = models.create_model(
         "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=step.AXIS_NAME
@@ -120,14 +120,19 @@ def _model_step_knn_results() -> dict[str, float]:
     features, projection = jax.jit(lambda v, x: model.apply(v, x, train=False))(
         variables, images[0]
     )
-    devices = jax.devices()[:1]
+    parallel = distributed.Parallelism("pmap", jax.devices()[:1])
     aug = data.augmentation_for(data.default_data_config("digits"))
-    train_step = step.make_pmap_train_step(
-        model, tx, "hscl", {"beta": 1.0}, devices, augmentation=aug
+    train_step = step.make_train_step(
+        parallel,
+        model=model,
+        tx=tx,
+        loss_name="hscl",
+        loss_kwargs={"beta": 1.0},
+        augmentation=aug,
     )
     pixels = rng.integers(0, 256, size=(16, 8, 8, 1), dtype=np.uint8)
     batch = jax.tree.map(lambda x: x[None], data.train_batch(pixels, labels, aug))
-    new_state, metrics = train_step(step.replicate(state, devices), batch)
+    new_state, metrics = train_step(parallel.replicate(state), batch)
     moved = jax.tree.map(
         lambda new, old: jnp.abs(new[0] - old).max(), new_state.params, state.params
     )

@@ -1,7 +1,8 @@
-"""Tests for the labelled queue and momentum encoder of hscl_jax.step (trainer side of issue #14):
-FIFO order, config checks, the unchanged step without a queue, 8 devices == 1 device, warm-up
-(empty and partly filled queues) and exact resume across a checkpoint."""
+"""Tests for the labelled queue and momentum encoder of hscl_jax.step: FIFO order, config checks,
+the unchanged step without a queue, 8 devices (mesh and pmap) == 1 device, warm-up (empty and
+partly filled queues) and exact resume across a checkpoint."""
 
+import functools
 import os
 
 import chex
@@ -10,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hscl_jax import checkpoints, data, losses, metrics, models, optim, theory, trainer
+from hscl_jax import checkpoints, data, distributed, losses, metrics, models, optim, theory, trainer
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
 
+DIGITS_AUGMENTATION = data.augmentation_for(data.default_data_config("digits"))
+
 
 def _queue(size, dim=2):
-    params = {"w": jnp.ones((3,))}
-    return step_lib.init_queue(params, {}, size, dim)
+    return step_lib.init_queue(size, dim)
 
 
 def test_enqueue_is_first_in_first_out_newest_first():
@@ -82,32 +84,48 @@ def test_queue_positives_need_a_supervised_loss(tiny_digits_config):
     assert config_lib.queue_options(config)["loss_kwargs"] == {"queue_as_positives": True}
 
 
-def _lowered_text(config):
-    devices = jax.local_devices()[:1]
-    built = step_lib.build_step(config, devices)
-    state = step_lib.replicate(built.init_state(), devices)
+def _first_step(config, *, without_queue_options=False):
+    """The host state after one step of ``config``'s built step on one device, on random images;
+    ``without_queue_options``: of the same model, optimiser and loss assembled with no queue
+    setting at all instead."""
+    built = step_lib.build_step(config, jax.local_devices()[:1])
+    step = built.train_step
+    if without_queue_options:
+        step = step_lib.make_train_step(
+            built.parallel,
+            model=built.model,
+            tx=built.tx,
+            loss_name=config.loss.name,
+            loss_kwargs=losses.options_from_config(config.loss),
+            augmentation=DIGITS_AUGMENTATION,
+        )
     size = config.global_batch_size
-    images = np.zeros((size, *built.input_shape), np.uint8)
-    batch = data.train_batch(images, np.zeros(size), data.augmentation_for(config.data))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(size, *built.input_shape), dtype=np.uint8)
+    batch = data.train_batch(images, rng.integers(0, 3, size=size), DIGITS_AUGMENTATION)
     batch = jax.tree.map(lambda x: x[None], batch)
-    return built.train_step.lower(state, batch).as_text(), built.init_state()
+    state, _ = step(built.parallel.replicate(built.init_state()), built.parallel.put_batch(batch))
+    return built.parallel.to_host(state)
 
 
-def test_queue_size_0_compiles_exactly_the_step_without_a_queue(tiny_digits_config):
+def test_queue_size_0_gives_exactly_the_step_without_a_queue(tiny_digits_config):
     off = tiny_digits_config()
     assert off.queue.size == 0
-    text_off, state_off = _lowered_text(off)
-    assert state_off.queue is None and "queue" not in state_off.to_dict()
+    # Settings that would change a step with a queue; at size 0 they must change nothing.
+    off.queue.as_positives, off.queue.q, off.queue.momentum = True, "grows", 0.5
+    state_off = _first_step(off)
+    assert state_off.queue is None and state_off.momentum is None
+    assert set(state_off.to_dict()) == {"step", "params", "batch_stats", "opt_state"}
+    plain = _first_step(tiny_digits_config(), without_queue_options=True)
+    chex.assert_trees_all_equal(state_off.to_dict(), plain.to_dict())
     on = tiny_digits_config()
     on.queue.size = 32
-    text_on, state_on = _lowered_text(on)
-    assert text_on != text_off and "queue" in state_on.to_dict()
+    state_on = _first_step(on)
+    assert set(state_on.to_dict()) == {*state_off.to_dict(), "queue", "momentum"}
+    assert int(state_on.queue["count"]) == 16
 
 
 # ----------------------------------------------------------------------------- with the loss
-
-
-DIGITS_AUGMENTATION = data.augmentation_for(data.default_data_config("digits"))
 
 
 def _global_batches(num_steps, batch=16, seed=0):
@@ -133,26 +151,33 @@ def _tiny_model_and_sgd():
     return model, tx
 
 
-def _run_steps(state, batches, num_devices, momentum=0.5, loss_kwargs=None):
-    """The host states after each of ``batches`` (pmapped over ``num_devices``) and the metrics."""
+@functools.cache
+def _step(num_devices, parallelism, with_queue):
+    """The mapped step (one per arguments: later calls reuse its compilations)."""
     model, tx = _tiny_model_and_sgd()
-    devices = jax.devices()[:num_devices]
-    step = step_lib.make_pmap_train_step(
-        model,
-        tx,
-        "hscl",
-        loss_kwargs or {"beta": 1.0},
-        devices,
+    parallel = distributed.Parallelism(parallelism, jax.devices()[:num_devices])
+    step = step_lib.make_train_step(
+        parallel,
+        model=model,
+        tx=tx,
+        loss_name="hscl",
+        loss_kwargs={"beta": 1.0},
         augmentation=DIGITS_AUGMENTATION,
-        queue_momentum=None if state.queue is None else momentum,
+        queue_momentum=0.5 if with_queue else None,
     )
-    replicated = step_lib.replicate(state, devices)
+    return parallel, step
+
+
+def _run_steps(state, batches, num_devices, parallelism="mesh"):
+    """The host states after each of ``batches`` (over ``num_devices``) and the metrics."""
+    parallel, step = _step(num_devices, parallelism, state.queue is not None)
+    replicated = parallel.replicate(state)
     states, all_metrics = [], []
     for batch in batches:
         sharded = jax.tree.map(lambda x: x.reshape(num_devices, -1, *x.shape[1:]), batch)
-        replicated, metrics = step(replicated, sharded)
-        states.append(jax.device_get(replicated))
-        all_metrics.append(jax.device_get(metrics))
+        replicated, metrics = step(replicated, parallel.put_batch(sharded))
+        states.append(parallel.to_host(replicated))
+        all_metrics.append(parallel.to_host(metrics))
     return states, all_metrics
 
 
@@ -161,22 +186,25 @@ def _initial_state(queue_size):
     return step_lib.create_train_state(jax.random.key(0), model, tx, (8, 8, 1), queue_size)
 
 
-def test_queue_over_8_devices_equals_one_device():
+@pytest.mark.parametrize("parallelism", ["mesh", "pmap"])
+def test_queue_over_8_devices_equals_one_device(parallelism):
     batches = _global_batches(3)
     # 40 rows: the third batch of 16 wraps around and drops the oldest rows.
     one_states, one_metrics = _run_steps(_initial_state(40), batches, 1)
-    eight_states, eight_metrics = _run_steps(_initial_state(40), batches, 8)
-    one = jax.tree.map(lambda x: x[0], one_states[-1])
-    assert int(one.queue["count"]) == 40
+    eight_states, eight_metrics = _run_steps(_initial_state(40), batches, 8, parallelism)
+    one, eight = one_states[-1], eight_states[-1]
+    assert int(one.queue["count"]) == int(eight.queue["count"]) == 40
     # The queue holds the last global batches' labels, newest first.
     expected_labels = np.concatenate([b["label"] for b in batches[::-1]])[:40]
     np.testing.assert_array_equal(one.queue["labels"], expected_labels)
-    for device in range(8):
-        eight = jax.tree.map(lambda x, d=device: x[d], eight_states[-1])
-        chex.assert_trees_all_close(eight.params, one.params, atol=5e-6, rtol=1e-4)
-        chex.assert_trees_all_close(eight.queue, one.queue, atol=5e-6, rtol=1e-4)
+    np.testing.assert_array_equal(eight.queue["labels"], expected_labels)
+    # float32 results of differently partitioned programs agree to rounding, after 3 steps.
+    tolerance = {"rtol": 1e-4, "atol": 1e-5}
+    chex.assert_trees_all_close(eight.params, one.params, **tolerance)
+    chex.assert_trees_all_close(eight.momentum, one.momentum, **tolerance)
+    chex.assert_trees_all_close(eight.queue["keys"], one.queue["keys"], **tolerance)
     for one_m, eight_m in zip(one_metrics, eight_metrics, strict=True):
-        np.testing.assert_allclose(eight_m["loss"], one_m["loss"][0], rtol=1e-5)
+        np.testing.assert_allclose(eight_m["loss"], one_m["loss"], rtol=1e-4)
 
 
 def test_warm_up_empty_queue_gives_the_batch_loss_and_unfilled_rows_are_masked():
@@ -184,23 +212,24 @@ def test_warm_up_empty_queue_gives_the_batch_loss_and_unfilled_rows_are_masked()
     _, plain_metrics = _run_steps(_initial_state(0), batches, 1)
     states, queue_metrics = _run_steps(_initial_state(64), batches[:1], 1)
     # Step 0: nothing is queued yet, so the loss is the batch-only loss.
-    np.testing.assert_allclose(queue_metrics[0]["loss"], plain_metrics[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(queue_metrics[0]["loss"], plain_metrics[0]["loss"], rtol=1e-4)
     # After one step 16 of 64 rows are filled. The step-1 loss must equal that of the same state
     # with a queue of exactly those 16 rows: the 48 unfilled (zero) rows are never contrasted.
-    after_one = jax.tree.map(lambda x: x[0], states[0])
+    after_one = states[0]
     assert int(after_one.queue["count"]) == 16
     trimmed = after_one.replace(
         queue={
-            **after_one.queue,
             "keys": after_one.queue["keys"][:16],
             "labels": after_one.queue["labels"][:16],
+            "count": after_one.queue["count"],
         }
     )
     _, partly_filled = _run_steps(after_one, batches[1:], 1)
     _, exactly_full = _run_steps(trimmed, batches[1:], 1)
-    np.testing.assert_allclose(partly_filled[0]["loss"], exactly_full[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(partly_filled[0]["loss"], exactly_full[0]["loss"], rtol=1e-4)
     # ... and the queued keys do change the loss.
-    assert abs(float(partly_filled[0]["loss"][0]) - float(plain_metrics[1]["loss"][0])) > 1e-4
+    change = float(partly_filled[0]["loss"]) - float(plain_metrics[1]["loss"])
+    assert abs(change) > 1e-2, change
 
 
 @pytest.mark.slow

@@ -162,6 +162,34 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(
 
 
 @pytest.mark.slow
+def test_checkpoints_restore_under_the_other_parallelism(tmp_path, tiny_digits_config):
+    """A pmap run's checkpoint resumed on a mesh ends where the pmap run ended (to float32
+    rounding: the two compile different programs); the mesh's final checkpoint, restored under
+    pmap, gives the mesh run's kNN accuracy. Two devices each; the kNN monitor runs under both."""
+
+    def config(parallelism):
+        c = tiny_digits_config(num_devices=2, eval_every_steps=2)
+        c.parallelism = parallelism
+        return c
+
+    pmap_dir, mesh_dir = str(tmp_path / "pmap"), str(tmp_path / "mesh")
+    pmap_final = trainer.train_and_evaluate(config("pmap"), pmap_dir)
+    assert _checkpoint_steps(pmap_dir) == [2, 4]
+    shutil.copytree(pmap_dir, mesh_dir)
+    shutil.rmtree(os.path.join(mesh_dir, "checkpoints", "4"))
+    mesh_final = trainer.train_and_evaluate(config("mesh"), mesh_dir)  # resumes from step 2
+    assert [r["step"] for r in _read_metrics(mesh_dir) if "knn_top1" in r] == [2, 4]
+    chex.assert_trees_all_close(
+        _restore_params(mesh_dir, 4), _restore_params(pmap_dir, 4), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(mesh_final["loss"], pmap_final["loss"], rtol=1e-4)
+    # Nothing left to train: the pmap trainer restores the mesh's step 4 and reports its kNN.
+    again = trainer.train_and_evaluate(config("pmap"), mesh_dir)
+    assert again["knn_top1"] == mesh_final["knn_top1"]
+    assert again["knn_top5"] == mesh_final["knn_top5"]
+
+
+@pytest.mark.slow
 def test_theory_monitor_logs_the_four_losses_per_step_and_per_epoch(
     tmp_path, monkeypatch, tiny_digits_config
 ):
@@ -365,6 +393,7 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def _train(tmp_path, workdir, *, kill_at=None, flags=()):
+    """train.py on the default config (on a mesh) on 2 devices, with ``flags`` added."""
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
     env = _subprocess_env(tmp_path, num_devices=2)
     if kill_at is not None:

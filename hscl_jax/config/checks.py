@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from hscl_jax import data, losses, models, optim, theory
+from hscl_jax import data, distributed, losses, models, optim, theory
 from hscl_jax.config.options import num_devices_for
 from hscl_jax.config.schema import ConfigError
 
@@ -53,6 +53,7 @@ def check_run(config: ml_collections.ConfigDict) -> None:
         config.num_steps > 0 or config.num_epochs > 0,
         "config.num_steps and config.num_epochs are both 0: set one of them to train",
     )
+    _allowed(config.parallelism, distributed.PARALLELISMS, "config.parallelism")
     _require(
         isinstance(config.skip_nonfinite_steps, bool),
         f"config.skip_nonfinite_steps={config.skip_nonfinite_steps!r} must be True or False",

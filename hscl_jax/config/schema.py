@@ -28,6 +28,8 @@ def run_fields() -> ml_collections.ConfigDict:
       num_steps: training length in steps; > 0 wins over num_epochs.
       num_devices: local devices to train on; None takes all of them.
       distributed: True joins a multi-process run (as HSCL_DISTRIBUTED=1 does).
+      parallelism: how the step maps over the devices: mesh (jax.jit of jax.shard_map over a
+        Mesh of every device) | pmap (jax.pmap).
       log_every_steps: steps between logged means of the step metrics.
       eval_every_steps: steps between kNN evaluations; 0 evaluates only at the end.
       checkpoint_every_steps: steps between checkpoints (the last step is always saved).
@@ -42,6 +44,7 @@ def run_fields() -> ml_collections.ConfigDict:
             "num_steps": 0,
             "num_devices": config_dict.placeholder(int),
             "distributed": False,
+            "parallelism": "mesh",
             "log_every_steps": 50,
             "eval_every_steps": 0,
             "checkpoint_every_steps": 1000,
