@@ -27,6 +27,7 @@ __all__ = [
     "config",
     "step",
     "trainer",
+    "monitors",
     "evaluate",
     "theory",
     "analysis",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from hscl_jax import losses as losses
     from hscl_jax import metrics as metrics
     from hscl_jax import models as models
+    from hscl_jax import monitors as monitors
     from hscl_jax import optim as optim
     from hscl_jax import plot as plot
     from hscl_jax import preemption as preemption

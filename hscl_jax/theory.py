@@ -130,7 +130,7 @@ def _assumption1_sums(z1, z2, labels, beta, temperature, axis_name):
     row_index, row_label = rows.index, rows.label
     col_index, col_label = cols.index, cols.label
     rows, cols = rows.z.astype(dtype), cols.z.astype(dtype)
-    s = rows @ cols.T / temperature
+    s = jnp.matmul(rows, cols.T, precision=losses.MATMUL_PRECISION) / temperature
     candidate = (col_index[None, :] != row_index[:, None]) & (
         col_index[None, :] != row_partner[:, None]
     )
@@ -196,7 +196,7 @@ def _hscl_against_negatives(z1, z2, labels, negatives, negative_labels, negative
     anchors = jnp.concatenate([z1, z2]).astype(dtype)
     partners = jnp.concatenate([z2, z1]).astype(dtype)
     anchor_labels = jnp.concatenate([labels, labels])
-    s = anchors @ negatives.astype(dtype).T / t
+    s = jnp.matmul(anchors, negatives.astype(dtype).T, precision=losses.MATMUL_PRECISION) / t
     s_partner = jnp.sum(anchors * partners, axis=-1) / t
     mask = negative_valid[None, :] & (negative_labels[None, :] != anchor_labels[:, None])
     log_mu = jax.vmap(_tilted_log_mean, in_axes=(0, 0, None))(s, mask, beta)

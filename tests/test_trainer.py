@@ -649,7 +649,7 @@ def test_no_training_length_is_rejected(tmp_path, tiny_digits_config):
 def test_bad_data_config_stops_the_run_at_start(tmp_path, tiny_digits_config):
     config = tiny_digits_config()
     config.data.sampler = "round_robin"
-    with pytest.raises(data.DataError, match="Unknown sampler 'round_robin'"):
+    with pytest.raises(config_lib.ConfigError, match="^config.data: Unknown sampler 'round_robin'"):
         trainer.train_and_evaluate(config, str(tmp_path / "bad_data"))
     assert not os.path.exists(tmp_path / "bad_data" / "config.json")
 

@@ -49,7 +49,7 @@ from hscl_jax.losses._spec import (
 )
 from hscl_jax.losses._supervised import hscl, scl, supcon
 from hscl_jax.losses._unsupervised import hucl, ucl
-from hscl_jax.losses._views import ContrastViews, contrast_views
+from hscl_jax.losses._views import MATMUL_PRECISION, ContrastViews, contrast_views
 
 __all__ = [
     "FLOAT32_BETA_LIMIT_CAP",
@@ -57,6 +57,7 @@ __all__ = [
     "FLOAT32_GRADIENT_TOLERANCE",
     "HARDENINGS",
     "LOSS_NAMES",
+    "MATMUL_PRECISION",
     "POSITIVES",
     "QUEUE_Q_MODES",
     "SUPERVISED_LOSSES",

@@ -26,6 +26,7 @@ from hscl_jax.losses._kernel import AnchorKernel, State, valid_anchors
 from hscl_jax.losses._parallel import sum_to_primal_type
 from hscl_jax.losses._spec import Array, Hyper, Spec
 from hscl_jax.losses._views import (
+    MATMUL_PRECISION,
     ContrastViews,
     concat_views,
     over_chunks,
@@ -167,8 +168,10 @@ def _dense_terms_bwd(spec: Spec, chunk: int, residuals: Any, cotangents: Any) ->
         )
         # s = z_rows z_cols^T / t.
         g_s = g_s / temperature
-        dz_rows = jnp.matmul(g_s, z_cols_wide)
-        dz_cols = dz_cols + jnp.matmul(g_s[:, :n_batch_cols].T, rows.z.astype(dtype))
+        dz_rows = jnp.matmul(g_s, z_cols_wide, precision=MATMUL_PRECISION)
+        dz_cols = dz_cols + jnp.matmul(
+            g_s[:, :n_batch_cols].T, rows.z.astype(dtype), precision=MATMUL_PRECISION
+        )
         d_temperature = d_temperature - jnp.sum(g_s * s)
         return (dz_cols, d_beta + jnp.sum(g_beta_rows), d_temperature), dz_rows
 

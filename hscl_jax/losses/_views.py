@@ -142,9 +142,16 @@ def concat_views(a: ContrastViews, b: ContrastViews | None) -> ContrastViews:
     return a if b is None else jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
 
+# Every matmul of the losses asks for full float32 precision: at their default precision GPUs and
+# TPUs round float32 operands to TF32 or bfloat16, which moves the loss and its gradients about
+# 1e-3 (relative) away from the float32 reference (docs/benchmarks.md). The similarity matmul is a
+# negligible part of a train step; bfloat16 inputs still multiply natively.
+MATMUL_PRECISION = lax.Precision.HIGHEST
+
+
 def similarities(rows: ContrastViews, cols: ContrastViews, temperature: Any, dtype: Any) -> Array:
     """s = rows cols^T / t; bfloat16 inputs multiply natively and accumulate in float32."""
-    s = jnp.matmul(rows.z, cols.z.T, preferred_element_type=dtype)
+    s = jnp.matmul(rows.z, cols.z.T, precision=MATMUL_PRECISION, preferred_element_type=dtype)
     return cast(Array, s / temperature)
 
 
