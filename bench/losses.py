@@ -1,6 +1,6 @@
 """Benchmark of the H-SCL kernel: fwd+bwd time, dense and blocked, and peak memory of blocked.
 
-    python bench/losses.py                 # the table of the README (a few minutes on 2 CPU cores)
+    python bench/losses.py                 # the table of docs/benchmarks.md
     python bench/losses.py --sizes 512 2048 --no-memory
     python bench/losses.py --float32-limit  # float32 vs float64 gradient error over beta and t
     python bench/losses.py --sizes 2048 --no-memory          # with dense time per hardening

@@ -167,6 +167,12 @@ def bench_case(name: str, args) -> list[dict]:
     images = rng.integers(0, 256, size=(batch, aug.image_size, aug.image_size, aug.channels))
     flat = data.train_batch(images.astype(np.uint8), rng.integers(0, 10, batch), aug)
     batch_arrays = jax.tree.map(lambda x: x.reshape(len(devices), -1, *x.shape[1:]), flat)
+    if args.flops_only:  # the count of the lowered step; nothing compiled or run
+        built = step_lib.build_step(config, devices)
+        state = built.parallel.replicate(built.init_state())
+        lowered = built.train_step.lower(state, built.parallel.put_batch(batch_arrays))
+        print(f"{name}: {_flops(lowered) / 1e9:.3f} GFLOP per device and step, batch {batch}")
+        return []
     prepared = {p: Prepared(config, p, devices, batch_arrays) for p in args.parallelisms}
     for _ in range(args.repeats):
         for runner in prepared.values():
@@ -314,6 +320,11 @@ def main() -> None:
     parser.add_argument("--loss", default="hscl", choices=losses.LOSS_NAMES)
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--save-hiccup", action="store_true", help="also time a checkpoint save")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="print each case's FLOPs per device and step without compiling or timing it",
+    )
     parser.add_argument(
         "--augment", action="store_true", help="also the device-augmentation pipeline/step ratio"
     )

@@ -1,7 +1,7 @@
 """Smoke tests of the benchmark scripts: each runs end to end at toy sizes and prints its figures.
 
 The figures themselves are never asserted (timings belong to bench/, not to tests); what is
-asserted is that every row the README quotes is printed, with numbers in it.
+asserted is that every row docs/benchmarks.md quotes is printed, with numbers in it.
 """
 
 import pathlib

@@ -66,8 +66,6 @@ def test_site_builds_strictly_with_the_api_reference_and_images(tmp_path):
         assert (results.parent / source).resolve().is_file(), source
 
 
-# Pages other branches write (docs/parallelism.md, data.md, training.md): the README may link them
-# before they are merged.
 def test_readme_links_into_the_repository_point_at_files():
     readme = (REPO / "README.md").read_text()
     targets = {
