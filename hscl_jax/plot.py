@@ -10,10 +10,6 @@
 ``python -m hscl_jax.plot --workdir=DIR`` regenerates every plot whose data exist. Figures are
 drawn on matplotlib's Agg canvas directly, without pyplot, so importing this module changes no
 global matplotlib state.
-
-Layer 2 (the issue's layer 0, moved: :func:`plot_workdir` reads metrics.jsonl with
-hscl_jax.metrics' reader and the run directory's file names): imports metrics (layer 1);
-imported by analysis.py.
 """
 
 from __future__ import annotations
