@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import chex
 import jax
@@ -347,8 +349,13 @@ def test_digits_builder_builds_offline_fast_with_a_fixed_split(tmp_path, no_netw
 
     from hscl_jax.data.digits_builder import prepare_digits
 
+    stray = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(stray))
     builder = prepare_digits(str(tmp_path))
     assert builder.is_prepared()
+    # TFDS makes an empty folder in the temporary directory for a builder whose dataset is not
+    # prepared yet, and never removes it; the build leaves none behind.
+    assert set(glob.glob(stray)) == before
     assert {f.value for f in builder.info.available_file_formats()} == {"array_record"}
     # Registered under its name like any catalogue dataset, and read by random access.
     splits = {

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from hscl_jax import locks
 from hscl_jax.data import samplers
+from hscl_jax.data.tfds_source import no_stray_tfds_folders
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -105,6 +106,11 @@ def prepare_digits(data_dir: str | None) -> Digits:
     A build of this version in another file format (e.g. TFRecord, written by hand with `tfds
     build`) is deleted and rebuilt as ArrayRecord, with a log message.
     """
+    with no_stray_tfds_folders():
+        return _prepare_digits(data_dir)
+
+
+def _prepare_digits(data_dir: str | None) -> Digits:
     builder = Digits(data_dir=data_dir)
     if builder.is_prepared():
         formats = {f.value for f in builder.info.available_file_formats()}

@@ -10,9 +10,13 @@ class-balanced sampler) are read once per process without decoding the images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,12 +82,28 @@ def _format_message(name: str, data_dir: str | None, builder) -> str:
     )
 
 
+@contextlib.contextmanager
+def no_stray_tfds_folders():
+    """Removes the empty `tmp*tfds` folders that TFDS makes in the system's temporary directory
+    while this context runs: a builder whose dataset is not prepared yet makes one for metadata it
+    would fetch from GCS (which is off) and never removes it."""
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for folder in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only an empty one
+
+
 def _tfds_builder(name: str, data_dir: str | None):
     """The TFDS builder of `name` (a catalogue class, or one read from the files in data_dir)."""
     import tensorflow_datasets as tfds
 
     try:
-        return tfds.builder(name, data_dir=data_dir)
+        with no_stray_tfds_folders():
+            return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise DatasetNotPreparedError(_unknown_name_message(name, data_dir)) from None
 
