@@ -157,8 +157,14 @@ def train_step(
         )
         return loss, (aux, updates["batch_stats"], (z1, z2))
 
+    # Differentiated as a device-varying copy of the (replicated) params, so that each device's
+    # gradient is its own share of the global-loss gradient under every mapping: pmap and
+    # shard_map(check_vma=False) do not type values (pcast changes nothing there), while under
+    # shard_map(check_vma=True) the gradient of the replicated params itself would come back
+    # already summed (the transpose of their implicit broadcast is a psum) and the psum below
+    # would count it once per device.
     (loss, (aux, batch_stats, (z1, z2))), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params
+        lax.pcast(state.params, axis_name, to="varying")
     )
     # Each device holds its share of the global-loss gradient: the total is the sum.
     grads = lax.psum(grads, axis_name)
@@ -176,10 +182,10 @@ def train_step(
         opt_state=keep_if_bad(opt_state, state.opt_state),
     )
     if state.queue is not None:
-        queue = state.queue.push(
-            lax.all_gather(keys, axis_name, tiled=True),
-            lax.all_gather(batch["label"], axis_name, tiled=True),
-        )
+        # The global batch's keys and labels, the same on every device: typed replicated
+        # ("invarying") so that the pushed queue is a replicated output of the mapped step.
+        gathered = lax.all_gather((keys, batch["label"]), axis_name, tiled=True, to="invarying")
+        queue = state.queue.push(*gathered)
         new_state = new_state.replace(
             queue=keep_if_bad(queue, state.queue), momentum=keep_if_bad(momentum, state.momentum)
         )
