@@ -7,8 +7,9 @@
 Each step contrasts the batch's two views with each other and with the queue's filled rows
 (``losses.hscl(..., queue=queue)``: other-class rows are extra negatives, never anchors, and get
 no gradient), then pushes the momentum encoder's projections of the second view, with their
-labels, onto the front of the queue. The momentum encoder is an exponential moving average of the
-online one, so the keys drift slowly and the queue's rows stay comparable with each other.
+labels, onto the front of the queue (``queue.push``; the queue starts as ``losses.Queue.empty``).
+The momentum encoder is an exponential moving average of the online one, so the keys drift slowly
+and the queue's rows stay comparable with each other.
 
 The queue must hold a momentum encoder's keys. ``--queue_keys=online`` fills it with the online
 network's own projections instead (what a user gets by pushing the batch's ``z2``): the rows of
@@ -40,20 +41,6 @@ from linen_digits import Encoder
 from hscl_jax import losses
 
 
-def push(queue: losses.Queue, keys: jax.Array, labels: jax.Array) -> losses.Queue:
-    """FIFO: ``keys`` and ``labels`` become the newest rows (the front), the oldest fall off.
-
-    To be replaced by ``queue.push(keys, labels)`` (and the empty queue below by
-    ``losses.Queue.empty(size, dim)``) once ``losses.Queue`` offers them.
-    """
-    size = queue.z.shape[0]
-    return losses.Queue(
-        z=jnp.concatenate([keys.astype(queue.z.dtype), queue.z])[:size],
-        labels=jnp.concatenate([labels.astype(queue.labels.dtype), queue.labels])[:size],
-        valid=jnp.concatenate([jnp.ones(keys.shape[0], bool), queue.valid])[:size],
-    )
-
-
 def main() -> None:
     parser = size_parser(__doc__.splitlines()[0], steps=300, batch=64)
     parser.add_argument("--queue_size", type=int, default=1024, help="rows of the queue")
@@ -69,11 +56,7 @@ def main() -> None:
     params = model.init(jax.random.key(args.seed), jnp.zeros((1, 64)))
     optimizer = optax.adam(1e-3)
     dim = model.apply(params, jnp.zeros((1, 64)))[1].shape[-1]
-    queue = losses.Queue(
-        z=jnp.zeros((args.queue_size, dim), jnp.float32),
-        labels=jnp.zeros((args.queue_size,), jnp.int32),
-        valid=jnp.zeros((args.queue_size,), bool),
-    )
+    queue = losses.Queue.empty(args.queue_size, dim)  # no row filled: every row masked
 
     @jax.jit
     def train_step(state, images, labels, view_key):
@@ -95,7 +78,8 @@ def main() -> None:
             keys = model.apply(key_params, view2)[1]
         else:
             keys = z2
-        queue = push(queue, jax.lax.stop_gradient(keys), labels)
+        # FIFO: the keys become the newest rows, as constants; the oldest rows fall off.
+        queue = queue.push(keys, labels)
         return (params, key_params, opt_state, queue), loss
 
     print(f"collapsed loss: {math.log(2 * args.batch - 1):.4f}")

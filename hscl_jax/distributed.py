@@ -243,15 +243,12 @@ class Parallelism:
                 mesh=self.mesh,
                 in_specs=in_specs,
                 out_specs=out_specs,
-                # The per-device functions are written with pmap's semantics: gradients are
-                # summed by an explicit lax.psum, BatchNorm averages its statistics with
-                # lax.pmean, and outputs declared replicated are so by construction.
-                # check_vma=False runs exactly that program. check_vma=True would type values
-                # as device-varying or not and transpose collectives by those types: the
-                # gradient of the replicated params would come back already summed (the explicit
-                # psum then has to go or follow a pvary), and every custom VJP in the losses
-                # would have to be typed for it.
-                check_vma=False,
+                # Values are typed device-varying or replicated, and collectives are transposed
+                # by those types: the per-device step differentiates a device-varying copy of
+                # the params (lax.pcast) so that its explicit psum is the one sum of gradients,
+                # and the replicated outputs (params, queue, metrics) are checked to be so.
+                # Under pmap the same function runs untyped, with the same result.
+                check_vma=True,
             ),
             donate_argnums=donate_argnums,
         )

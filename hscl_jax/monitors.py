@@ -216,10 +216,11 @@ class ReferenceMonitor:
         queue: dict[str, Any] = {}
         if state.queue is not None:
             host_queue = self._parallel.to_host(state.queue)
+            # Queue.push fills rows from the front, so the valid rows are the first ones.
             queue = {
-                "queue_keys": host_queue["keys"],
-                "queue_labels": host_queue["labels"],
-                "queue_count": int(host_queue["count"]),
+                "queue_keys": host_queue.z,
+                "queue_labels": host_queue.labels,
+                "queue_count": int(host_queue.valid.sum()),
             }
         z1, z2 = views[: len(self._labels)], views[len(self._labels) :]
         return theory.negative_set_estimates(

@@ -32,54 +32,20 @@ AXIS_NAME = distributed.AXIS_NAME
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during training; a plain pytree (checkpointed as a dict).
-    ``queue`` and ``momentum`` (the momentum encoder's {"params", "batch_stats"}) are None without
-    a queue (config.queue.size = 0), and then absent from checkpoints."""
+    ``queue`` (a hscl_jax.losses.Queue of the momentum encoder's keys, saved as its arrays ``z``,
+    ``labels``, ``valid``) and ``momentum`` (the momentum encoder's {"params", "batch_stats"})
+    are None without a queue (config.queue.size = 0), and then absent from checkpoints."""
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
-    queue: Any = None
+    queue: losses.Queue | None = None
     momentum: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         fields = (field.name for field in dataclasses.fields(self))
         return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
-
-
-# ----------------------------------------------------------------------------- the queue
-# A FIFO of key projections and their labels, newest rows first, the first ``count`` filled:
-# these four helpers are the queue's whole interface to the step.
-
-
-def init_queue(size: int, dim: int) -> dict[str, jax.Array]:
-    """An empty queue of ``size`` keys of dimension ``dim``."""
-    return {
-        "keys": jnp.zeros((size, dim), jnp.float32),
-        "labels": jnp.zeros((size,), jnp.int32),
-        "count": jnp.zeros((), jnp.int32),
-    }
-
-
-def queue_valid(queue: dict[str, jax.Array]) -> jax.Array:
-    """(K,) bool: the filled rows of ``queue`` (the first ``count``)."""
-    return jnp.arange(queue["labels"].shape[0]) < queue["count"]
-
-
-def enqueue(queue: dict[str, jax.Array], keys: jax.Array, labels: jax.Array) -> dict[str, Any]:
-    """``queue`` with ``keys``/``labels`` (B rows, in order) put in front and its B oldest rows
-    dropped (first in, first out); a batch larger than the queue keeps its first K rows."""
-    size = queue["labels"].shape[0]
-    return {
-        "keys": jnp.concatenate([keys.astype(jnp.float32), queue["keys"]])[:size],
-        "labels": jnp.concatenate([labels.astype(jnp.int32), queue["labels"]])[:size],
-        "count": jnp.minimum(queue["count"] + keys.shape[0], size).astype(jnp.int32),
-    }
-
-
-def loss_queue(queue: dict[str, jax.Array]) -> losses.Queue:
-    """The queue as the loss takes it (``queue=`` of hscl_jax.losses)."""
-    return losses.Queue(queue["keys"], queue["labels"], queue_valid(queue))
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -111,7 +77,7 @@ def create_train_state(
         _, projection = jax.eval_shape(
             lambda v: model.apply(v, jnp.zeros((1, *input_shape)), train=False), variables
         )
-        queue = init_queue(queue_size, projection.shape[-1])
+        queue = losses.Queue.empty(queue_size, projection.shape[-1])
         # Copies: a donated state must not hold one buffer twice.
         momentum = jax.tree.map(jnp.copy, variables)
     return TrainState(
@@ -168,7 +134,7 @@ def train_step(
     queue_kwargs = {}
     if state.queue is not None:
         momentum, keys = _momentum_keys(state, view2, model, queue_momentum)
-        queue_kwargs["queue"] = loss_queue(state.queue)
+        queue_kwargs["queue"] = state.queue
 
     def objective(params):
         (_, projection), updates = model.apply(
@@ -191,8 +157,14 @@ def train_step(
         )
         return loss, (aux, updates["batch_stats"], (z1, z2))
 
+    # Differentiated as a device-varying copy of the (replicated) params, so that each device's
+    # gradient is its own share of the global-loss gradient under every mapping: pmap and
+    # shard_map(check_vma=False) do not type values (pcast changes nothing there), while under
+    # shard_map(check_vma=True) the gradient of the replicated params itself would come back
+    # already summed (the transpose of their implicit broadcast is a psum) and the psum below
+    # would count it once per device.
     (loss, (aux, batch_stats, (z1, z2))), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params
+        lax.pcast(state.params, axis_name, to="varying")
     )
     # Each device holds its share of the global-loss gradient: the total is the sum.
     grads = lax.psum(grads, axis_name)
@@ -210,11 +182,10 @@ def train_step(
         opt_state=keep_if_bad(opt_state, state.opt_state),
     )
     if state.queue is not None:
-        queue = enqueue(
-            state.queue,
-            lax.all_gather(keys, axis_name, tiled=True),
-            lax.all_gather(batch["label"], axis_name, tiled=True),
-        )
+        # The global batch's keys and labels, the same on every device: typed replicated
+        # ("invarying") so that the pushed queue is a replicated output of the mapped step.
+        gathered = lax.all_gather((keys, batch["label"]), axis_name, tiled=True, to="invarying")
+        queue = state.queue.push(*gathered)
         new_state = new_state.replace(
             queue=keep_if_bad(queue, state.queue), momentum=keep_if_bad(momentum, state.momentum)
         )

@@ -59,12 +59,18 @@ def test_momentum_queue_fills_and_the_loss_falls_below_the_collapsed_value():
 def test_sharded_loss_patterns_match_one_device():
     out = _run("sharded_loss.py", "--batch=64", "--dim=16")
     (one_device,) = re.findall(rf"^one device: loss {NUMBER} \(8 devices below\)$", out, re.M)
-    patterns = re.findall(rf"^(.+): loss {NUMBER} gradient difference {NUMBER}$", out, re.M)
-    assert [name for name, _, _ in patterns] == [
-        "pmap",
+    patterns = re.findall(
+        rf"^(.+): loss {NUMBER} relative error: loss {NUMBER} gradient {NUMBER}$", out, re.M
+    )
+    assert [name for name, *_ in patterns] == [
+        "shard_map, gradient inside",
+        "grad of a shard_map loss",
         "jit over a mesh of Auto axes",
-        "shard_map, gradient inside (check_vma=False)",
-    ]
-    for name, loss, difference in patterns:
+        "jit over a mesh of Explicit axes",
+        "pmap, gradient summed",
+    ], out
+    for name, loss, loss_error, grad_error in patterns:
         assert float(loss) == pytest.approx(float(one_device), rel=1e-4), name
-        assert float(difference) < 1e-4, name
+        # float32 rounding of differently partitioned programs; a gradient 1/n or n times the
+        # true one would be off by at least 0.5.
+        assert float(loss_error) < 1e-4 and float(grad_error) < 1e-4, (name, out)

@@ -268,19 +268,6 @@ def test_pushed_keys_are_constants():
     np.testing.assert_array_equal(jax.grad(loss)(jnp.ones((2, 2))), 0.0)
 
 
-def test_queue_value_equals_the_trainer_queue_helpers():
-    """The trainer's dict-based queue of hscl_jax.step, step for step (it moves onto this API)."""
-    from hscl_jax import step as step_lib
-
-    queue = losses.Queue.empty(5, 2)
-    trainer_queue = step_lib.init_queue({"w": jnp.ones(3)}, {}, 5, 2)
-    for step in range(4):
-        keys, labels = _labelled_keys(step, batch=3)
-        queue = queue.push(keys, labels)
-        trainer_queue = step_lib.enqueue(trainer_queue, keys, labels)
-        chex.assert_trees_all_equal(queue, step_lib.loss_queue(trainer_queue))
-
-
 @pytest.mark.parametrize(
     "call, match",
     [

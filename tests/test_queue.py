@@ -1,6 +1,7 @@
-"""Tests for the labelled queue and momentum encoder of hscl_jax.step: FIFO order, config checks,
-the unchanged step without a queue, 8 devices (mesh and pmap) == 1 device, warm-up (empty and
-partly filled queues) and exact resume across a checkpoint."""
+"""Tests for the labelled queue (a hscl_jax.losses.Queue in the train state) and the momentum
+encoder of hscl_jax.step: config checks, the unchanged step without a queue, 8 devices (mesh and
+pmap) == 1 device, warm-up (empty and partly filled queues) and exact resume across a checkpoint.
+The queue value's own FIFO behaviour is tested in tests/test_losses_queue.py."""
 
 import functools
 import os
@@ -16,27 +17,6 @@ from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
 
 DIGITS_AUGMENTATION = data.augmentation_for(data.default_data_config("digits"))
-
-
-def _queue(size, dim=2):
-    return step_lib.init_queue(size, dim)
-
-
-def test_enqueue_is_first_in_first_out_newest_first():
-    queue = _queue(5)
-    assert int(queue["count"]) == 0 and not step_lib.queue_valid(queue).any()
-    for step in range(3):  # batches of 2 labelled 10*step + row
-        keys = jnp.full((2, 2), float(step)) + jnp.arange(2.0)[:, None] / 10
-        queue = step_lib.enqueue(queue, keys, jnp.array([10 * step, 10 * step + 1]))
-        assert int(queue["count"]) == min(2 * (step + 1), 5)
-    # Newest batch first, in batch order; the oldest row (batch 0, row 1) has been dropped.
-    np.testing.assert_array_equal(queue["labels"], [20, 21, 10, 11, 0])
-    np.testing.assert_allclose(queue["keys"][:, 0], [2.0, 2.1, 1.0, 1.1, 0.0])
-    assert step_lib.queue_valid(queue).all()
-    # A batch larger than the queue keeps its first K rows.
-    big = step_lib.enqueue(queue, jnp.zeros((7, 2)), jnp.arange(7))
-    np.testing.assert_array_equal(big["labels"], [0, 1, 2, 3, 4])
-    assert int(big["count"]) == 5
 
 
 def test_momentum_update_is_the_ema_of_params_and_batch_stats():
@@ -122,7 +102,8 @@ def test_queue_size_0_gives_exactly_the_step_without_a_queue(tiny_digits_config)
     on.queue.size = 32
     state_on = _first_step(on)
     assert set(state_on.to_dict()) == {*state_off.to_dict(), "queue", "momentum"}
-    assert int(state_on.queue["count"]) == 16
+    assert isinstance(state_on.queue, losses.Queue)
+    assert int(state_on.queue.valid.sum()) == 16
 
 
 # ----------------------------------------------------------------------------- with the loss
@@ -178,6 +159,14 @@ def _run_steps(state, batches, num_devices, parallelism="mesh"):
         replicated, metrics = step(replicated, parallel.put_batch(sharded))
         states.append(parallel.to_host(replicated))
         all_metrics.append(parallel.to_host(metrics))
+    if state.queue is not None:
+        # The pushed keys are all-gathered, so every device holds the same queue and momentum
+        # encoder (the step's out_specs declare them replicated; nothing else checks it).
+        for leaf in jax.tree.leaves((replicated.queue, replicated.momentum)):
+            copies = [np.asarray(shard.data) for shard in leaf.addressable_shards]
+            assert len(copies) == num_devices
+            for copy in copies[1:]:
+                np.testing.assert_array_equal(copy, copies[0])
     return states, all_metrics
 
 
@@ -193,16 +182,16 @@ def test_queue_over_8_devices_equals_one_device(parallelism):
     one_states, one_metrics = _run_steps(_initial_state(40), batches, 1)
     eight_states, eight_metrics = _run_steps(_initial_state(40), batches, 8, parallelism)
     one, eight = one_states[-1], eight_states[-1]
-    assert int(one.queue["count"]) == int(eight.queue["count"]) == 40
+    assert one.queue.valid.all() and eight.queue.valid.all()
     # The queue holds the last global batches' labels, newest first.
     expected_labels = np.concatenate([b["label"] for b in batches[::-1]])[:40]
-    np.testing.assert_array_equal(one.queue["labels"], expected_labels)
-    np.testing.assert_array_equal(eight.queue["labels"], expected_labels)
+    np.testing.assert_array_equal(one.queue.labels, expected_labels)
+    np.testing.assert_array_equal(eight.queue.labels, expected_labels)
     # float32 results of differently partitioned programs agree to rounding, after 3 steps.
     tolerance = {"rtol": 1e-4, "atol": 1e-5}
     chex.assert_trees_all_close(eight.params, one.params, **tolerance)
     chex.assert_trees_all_close(eight.momentum, one.momentum, **tolerance)
-    chex.assert_trees_all_close(eight.queue["keys"], one.queue["keys"], **tolerance)
+    chex.assert_trees_all_close(eight.queue.z, one.queue.z, **tolerance)
     for one_m, eight_m in zip(one_metrics, eight_metrics, strict=True):
         np.testing.assert_allclose(eight_m["loss"], one_m["loss"], rtol=1e-4)
 
@@ -216,14 +205,9 @@ def test_warm_up_empty_queue_gives_the_batch_loss_and_unfilled_rows_are_masked()
     # After one step 16 of 64 rows are filled. The step-1 loss must equal that of the same state
     # with a queue of exactly those 16 rows: the 48 unfilled (zero) rows are never contrasted.
     after_one = states[0]
-    assert int(after_one.queue["count"]) == 16
-    trimmed = after_one.replace(
-        queue={
-            "keys": after_one.queue["keys"][:16],
-            "labels": after_one.queue["labels"][:16],
-            "count": after_one.queue["count"],
-        }
-    )
+    np.testing.assert_array_equal(after_one.queue.valid, np.arange(64) < 16)
+    trimmed = after_one.replace(queue=jax.tree.map(lambda x: x[:16], after_one.queue))
+    assert trimmed.queue.valid.all()
     _, partly_filled = _run_steps(after_one, batches[1:], 1)
     _, exactly_full = _run_steps(trimmed, batches[1:], 1)
     np.testing.assert_allclose(partly_filled[0]["loss"], exactly_full[0]["loss"], rtol=1e-4)
@@ -248,7 +232,8 @@ def test_resume_with_a_partly_filled_queue_equals_the_uninterrupted_run(
     template = jax.device_get(step_lib.build_step(config(2), jax.devices()[:1]).init_state())
     at_two, _ = checkpoints.restore_checkpoint(manager, 2, template.to_dict())
     manager.close()
-    assert int(at_two["queue"]["count"]) == 32
+    assert isinstance(at_two["queue"], losses.Queue)
+    assert int(at_two["queue"].valid.sum()) == 32
     trainer.train_and_evaluate(config(4), split)  # resumes from step 2
 
     def final_state(workdir):
@@ -259,7 +244,7 @@ def test_resume_with_a_partly_filled_queue_equals_the_uninterrupted_run(
 
     assert os.path.isdir(os.path.join(split, "checkpoints", "4"))
     expected, resumed = final_state(whole), final_state(split)
-    assert int(resumed["queue"]["count"]) == 48
+    assert resumed["queue"].valid.all()
     chex.assert_trees_all_close(resumed, expected, atol=0, rtol=0)
 
 

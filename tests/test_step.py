@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hscl_jax import config as config_lib
-from hscl_jax import data, distributed, losses, models, optim
+from hscl_jax import data, distributed, losses, models, optim, theory
 from hscl_jax import step as step_lib
 
 # float32 results of differently partitioned programs agree to rounding, not bit for bit.
@@ -29,7 +29,8 @@ def _per_device(tree, num_local_devices):
 
 @pytest.fixture(scope="module")
 def first_steps():
-    """One SGD step on the same global batch: on a mesh of 1 and of 8 devices, pmap over 8."""
+    """One SGD step on the same global batch, with the theory monitor's metrics: on a mesh of 1
+    and of 8 devices, pmap over 8."""
     model = models.create_model(
         "small_cnn", width=4, head_hidden_dim=16, projection_dim=8, bn_axis_name=step_lib.AXIS_NAME
     )
@@ -51,6 +52,7 @@ def first_steps():
             loss_name="hscl",
             loss_kwargs={"beta": 1.0},
             augmentation=aug,
+            theory_kwargs={"beta": 1.0, "temperature": 0.5},
         )
         batch = parallel.put_batch(_per_device(global_batch, num_devices))
         new_state, metrics = step(parallel.replicate(state), batch)
@@ -74,7 +76,9 @@ def test_8_devices_give_the_update_of_one_device(first_steps, kind):
     assert max(float(np.abs(u).max()) for u in jax.tree.leaves(update)) > 1e-2
     chex.assert_trees_all_close(state.params, one_state.params, **TOLERANCE)
     chex.assert_trees_all_close(state.batch_stats, one_state.batch_stats, **TOLERANCE)
-    np.testing.assert_allclose(metrics["loss"], one_metrics["loss"], **TOLERANCE)
+    assert set(metrics) == set(one_metrics) and set(theory.THEORY_KEYS) <= set(metrics)
+    for name, value in one_metrics.items():  # the loss, its aux and the theory monitor
+        np.testing.assert_allclose(metrics[name], value, **TOLERANCE, err_msg=name)
     assert metrics["num_anchors"] == 32.0  # 16 images x 2 views, from all 8 devices
     assert int(state.step) == 1 and metrics["finite"] == 1.0
 
