@@ -16,16 +16,20 @@ import argparse
 import csv
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from hscl_jax import checkpoints, data, distributed, features, losses, metrics, models, plot, theory
 from hscl_jax import config as config_lib
 from hscl_jax.theory import ASSUMPTION_KEYS, FLAG_KEYS, LOSS_KEYS, SWEEP_KEYS, THEORY_KEYS
+
+if TYPE_CHECKING:
+    import ml_collections
 
 THEORY_COLUMNS = (
     "step",
@@ -49,7 +53,7 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]], columns: Sequence[str])
     return path
 
 
-def _csv_cell(value) -> str:
+def _csv_cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float | np.floating):
@@ -58,7 +62,7 @@ def _csv_cell(value) -> str:
     return str(value)
 
 
-def _steps_per_epoch(config, batch_size: int) -> int | None:
+def _steps_per_epoch(config: ml_collections.ConfigDict, batch_size: int) -> int | None:
     try:
         return data.steps_per_epoch(config.data, batch_size)
     except (ValueError, FileNotFoundError):
@@ -66,7 +70,11 @@ def _steps_per_epoch(config, batch_size: int) -> int | None:
 
 
 def theory_rows_from_metrics(
-    records: Iterable[dict[str, Any]], *, beta, temperature, steps_per_epoch=None
+    records: Iterable[dict[str, Any]],
+    *,
+    beta: float | None,
+    temperature: float | None,
+    steps_per_epoch: int | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of theory_train.csv from metrics.jsonl records holding every THEORY_KEYS metric.
 
@@ -74,7 +82,7 @@ def theory_rows_from_metrics(
     steps for which the inequality held. The trainer's per-epoch records (key ``epoch``) repeat
     those steps as epoch means and are skipped.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for record in records:
         if "epoch" in record or not all(k in record for k in THEORY_KEYS):
             continue
@@ -105,13 +113,15 @@ def _aggregate(per_batch: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return row
 
 
-def _make_embed(model, batch_norm: str):
+def _make_embed(
+    model: models.ContrastiveModel, batch_norm: str
+) -> Callable[[Any, ArrayLike, ArrayLike], tuple[jax.Array, jax.Array]]:
     """jitted (variables, view1, view2) -> (z1, z2), both views in one forward pass as in
     training; ``batch_norm="train"`` normalises with the batch's statistics (as the training
     loss saw them; single device = the global BN of the run), "eval" with running averages."""
     train = batch_norm == "train"
 
-    def embed(variables, view1, view2):
+    def embed(variables: Any, view1: jax.Array, view2: jax.Array) -> tuple[jax.Array, jax.Array]:
         images = jnp.concatenate([view1, view2])
         if train:
             (_, projection), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
@@ -122,7 +132,9 @@ def _make_embed(model, batch_norm: str):
     return jax.jit(embed)
 
 
-def _training_batches(config, *, batch_size: int, num_batches: int) -> list[dict[str, np.ndarray]]:
+def _training_batches(
+    config: ml_collections.ConfigDict, *, batch_size: int, num_batches: int
+) -> list[dict[str, np.ndarray]]:
     """The run's first ``num_batches`` training batches (same augmentations as its steps 1..n)."""
     stream = data.train_iterator(
         config.data,
@@ -132,7 +144,7 @@ def _training_batches(config, *, batch_size: int, num_batches: int) -> list[dict
         num_local_devices=1,
     )
     augmentation = data.augmentation_for(config.data)
-    batches = []
+    batches: list[dict[str, np.ndarray]] = []
     for _ in range(num_batches):
         batch = next(stream)
         view1, view2 = data.augment_views(batch, augmentation)
@@ -144,7 +156,14 @@ def _training_batches(config, *, batch_size: int, num_batches: int) -> list[dict
     return batches
 
 
-def _test_embeddings(config, model, variables, *, max_examples: int, batch_size: int):
+def _test_embeddings(
+    config: ml_collections.ConfigDict,
+    model: models.ContrastiveModel,
+    variables: dict[str, Any],
+    *,
+    max_examples: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Encoder features and labels of the first ``max_examples`` test examples."""
     devices = jax.local_devices()[:1]
     return features.split_features(
@@ -210,7 +229,8 @@ def analyze_checkpoints(
     batches = _training_batches(config, batch_size=batch_size, num_batches=num_batches)
     per_epoch = _steps_per_epoch(config, batch_size)
 
-    rows, written = [], {}
+    rows: list[dict[str, Any]] = []
+    written: dict[str, str] = {}
     for step in steps:
         try:
             variables = checkpoints.restore_variables(workdir, step)
@@ -264,8 +284,10 @@ def analyze_checkpoints(
 
 
 def _beta_sweep_rows(
-    embedded: Sequence[tuple[Any, Any, Any]], betas: Sequence[float], temperature: float
-) -> list[dict]:
+    embedded: Sequence[tuple[jax.Array, jax.Array, np.ndarray]],
+    betas: Sequence[float],
+    temperature: float,
+) -> list[dict[str, Any]]:
     """One row per beta: the SWEEP_KEYS figures of theory.beta_sweep, means over the batches
     ``embedded`` ((z1, z2, labels) each)."""
     sweeps = [
@@ -278,7 +300,9 @@ def _beta_sweep_rows(
     ]
 
 
-def analyze_metrics(workdir: str, *, beta=None, temperature=None) -> dict[str, str]:
+def analyze_metrics(
+    workdir: str, *, beta: float | None = None, temperature: float | None = None
+) -> dict[str, str]:
     """theory_train.csv from train-time theory metrics in metrics.jsonl ({} when there are none)."""
     config = None
     if os.path.exists(os.path.join(workdir, metrics.CONFIG_JSON)):

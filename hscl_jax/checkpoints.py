@@ -63,7 +63,7 @@ def checkpoint_manager(
 
 
 def save_checkpoint(
-    manager: ocp.CheckpointManager, step: int, host_state: dict, meta: dict
+    manager: ocp.CheckpointManager, step: int, host_state: dict[str, Any], meta: dict[str, Any]
 ) -> None:
     """Saves ``host_state`` and ``meta`` as step ``step``; returns once they are on disk.
 
@@ -113,13 +113,13 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _plain_path(path: Any) -> tuple:
+def _plain_path(path: Any) -> tuple[str, ...]:
     """A tree path with dict keys, sequence indices and attribute names alike (a namedtuple in
     the config's state is a dict or list once saved)."""
     return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def _saved_leaf_paths(step_dir: str) -> list[tuple]:
+def _saved_leaf_paths(step_dir: str) -> list[tuple[str, ...]]:
     import orbax.checkpoint as ocp
 
     metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
@@ -127,9 +127,11 @@ def _saved_leaf_paths(step_dir: str) -> list[tuple]:
     return sorted(_plain_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree))
 
 
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def _config_differences(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
+) -> list[str]:
     """``key: saved -> current`` for every leaf of the config that differs."""
-    differences = []
+    differences: list[str] = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
         name = f"{prefix}{key}"
@@ -140,7 +142,7 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     return differences
 
 
-def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     try:
@@ -154,9 +156,9 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 def restore_checkpoint(
     manager: ocp.CheckpointManager,
     step: int,
-    host_state_template: dict,
-    config_json: dict | None = None,
-) -> tuple[dict, dict]:
+    host_state_template: dict[str, Any],
+    config_json: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of step ``step``, restored into the structure of ``host_state_template``.
 
     Raises CheckpointMismatchError (one line) when the saved tree's structure or a leaf's shape
@@ -217,8 +219,10 @@ def restore_checkpoint(
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, host_state_template: dict, config_json: dict | None = None
-) -> tuple[int, dict, dict] | None:
+    manager: ocp.CheckpointManager,
+    host_state_template: dict[str, Any],
+    config_json: dict[str, Any] | None = None,
+) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
     """(step, state, meta) of the newest checkpoint that restores (:func:`restore_checkpoint`),
     or None when there is no checkpoint.
 

@@ -16,16 +16,28 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 from hscl_jax import checkpoints, data, distributed, features, metrics, models
 from hscl_jax import config as config_lib
 
+if TYPE_CHECKING:
+    import ml_collections
 
-def _check_knn_inputs(train_features, train_labels, test_features, num_classes, k, temperature):
+
+def _check_knn_inputs(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    num_classes: int,
+    k: int,
+    temperature: float,
+) -> None:
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError(
             f"features must be 2-D (n, d); got train {train_features.shape}, "
@@ -52,7 +64,15 @@ def _check_knn_inputs(train_features, train_labels, test_features, num_classes, 
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k"))
-def _knn_scores_chunk(bank, bank_labels, queries, *, num_classes, k, temperature):
+def _knn_scores_chunk(
+    bank: jax.Array,
+    bank_labels: jax.Array,
+    queries: jax.Array,
+    *,
+    num_classes: int,
+    k: int,
+    temperature: float,
+) -> jax.Array:
     similarity = queries @ bank.T
     top_similarity, top_index = jax.lax.top_k(similarity, k)
     weights = jnp.exp(top_similarity / temperature)
@@ -63,9 +83,9 @@ def _knn_scores_chunk(bank, bank_labels, queries, *, num_classes, k, temperature
 
 
 def knn_predict(
-    train_features,
-    train_labels,
-    test_features,
+    train_features: npt.ArrayLike,
+    train_labels: npt.ArrayLike,
+    test_features: npt.ArrayLike,
     *,
     num_classes: int,
     k: int = 200,
@@ -95,7 +115,7 @@ def knn_predict(
     chunk = min(test_chunk_size, max(num_test, 1))
     bank = models.l2_normalize(train_features)
     bank_labels = jnp.asarray(train_labels, jnp.int32)
-    scores = []
+    scores: list[np.ndarray] = []
     for start in range(0, num_test, chunk):
         queries = test_features[start : start + chunk]
         valid = queries.shape[0]
@@ -116,10 +136,10 @@ def knn_predict(
 
 
 def knn_accuracy(
-    train_features,
-    train_labels,
-    test_features,
-    test_labels,
+    train_features: npt.ArrayLike,
+    train_labels: npt.ArrayLike,
+    test_features: npt.ArrayLike,
+    test_labels: npt.ArrayLike,
     *,
     num_classes: int,
     k: int = 200,
@@ -155,7 +175,13 @@ def knn_accuracy(
 # ----------------------------------------------------------------------------- linear probes
 
 
-def _check_probe_inputs(train_features, train_labels, test_features, test_labels, num_classes):
+def _check_probe_inputs(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+) -> None:
     for name, x in (("train_features", train_features), ("test_features", test_features)):
         if x.ndim != 2:
             raise ValueError(f"{name} must be 2-D (n, d), got shape {x.shape}")
@@ -182,10 +208,10 @@ def _check_probe_inputs(train_features, train_labels, test_features, test_labels
 
 
 def linear_probe(
-    train_features,
-    train_labels,
-    test_features,
-    test_labels,
+    train_features: npt.ArrayLike,
+    train_labels: npt.ArrayLike,
+    test_features: npt.ArrayLike,
+    test_labels: npt.ArrayLike,
     *,
     num_classes: int,
     epochs: int = 100,
@@ -220,18 +246,23 @@ def linear_probe(
     tx = optax.adam(learning_rate)
     params = {"w": jnp.zeros((dim, num_classes), jnp.float32), "b": jnp.zeros((num_classes,))}
 
-    def loss_fn(p, xb, yb):
+    Params = dict[str, jax.Array]
+
+    def loss_fn(p: Params, xb: jax.Array, yb: jax.Array) -> jax.Array:
         logits = xb @ p["w"] + p["b"]
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     @jax.jit
-    def train(params, key):
-        def epoch(carry, epoch_key):
+    def train(params: Params, key: jax.Array) -> Params:
+        # carry: the parameters and optax's state of the optimiser.
+        def epoch(
+            carry: tuple[Params, Any], epoch_key: jax.Array
+        ) -> tuple[tuple[Params, Any], None]:
             params, opt_state = carry
             order = jax.random.permutation(epoch_key, n)[: steps_per_epoch * batch_size]
             batches = order.reshape(steps_per_epoch, batch_size)
 
-            def step(carry, idx):
+            def step(carry: tuple[Params, Any], idx: jax.Array) -> tuple[tuple[Params, Any], None]:
                 params, opt_state = carry
                 grads = jax.grad(loss_fn)(params, x[idx], y[idx])
                 updates, opt_state = tx.update(grads, opt_state, params)
@@ -249,10 +280,10 @@ def linear_probe(
 
 
 def ridge_probe(
-    train_features,
-    train_labels,
-    test_features,
-    test_labels,
+    train_features: npt.ArrayLike,
+    train_labels: npt.ArrayLike,
+    test_features: npt.ArrayLike,
+    test_labels: npt.ArrayLike,
     *,
     num_classes: int,
     l2: float = 1e-3,
@@ -269,7 +300,7 @@ def ridge_probe(
     if not l2 > 0:
         raise ValueError(f"l2={l2!r} must be > 0")
 
-    def design(f):
+    def design(f: np.ndarray) -> np.ndarray:
         f = np.asarray(models.l2_normalize(f), np.float64)
         return np.concatenate([f, np.ones((f.shape[0], 1))], axis=1)
 
@@ -284,7 +315,12 @@ def ridge_probe(
 # ----------------------------------------------------------------------------- a finished run
 
 
-def _train_and_test_features(config, feature_fn, replicated_variables, num_local_devices):
+def _train_and_test_features(
+    config: ml_collections.ConfigDict,
+    feature_fn: features.FeatureFn,
+    replicated_variables: Any,
+    num_local_devices: int,
+) -> tuple[np.ndarray, ...]:
     """(train features, train labels, test features, test labels) of config.data's dataset."""
     info = data.dataset_info(config.data.name, config.data.data_dir)
     return tuple(
@@ -301,7 +337,13 @@ def _train_and_test_features(config, feature_fn, replicated_variables, num_local
     )
 
 
-def _knn_with_config(config, train_x, train_y, test_x, test_y) -> dict[str, float]:
+def _knn_with_config(
+    config: ml_collections.ConfigDict,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+) -> dict[str, float]:
     return knn_accuracy(
         train_x,
         train_y,
@@ -314,7 +356,12 @@ def _knn_with_config(config, train_x, train_y, test_x, test_y) -> dict[str, floa
     )
 
 
-def knn_monitor(config, feature_fn, replicated_variables, devices) -> dict[str, float]:
+def knn_monitor(
+    config: ml_collections.ConfigDict,
+    feature_fn: features.FeatureFn,
+    replicated_variables: Any,
+    devices: Sequence[jax.Device],
+) -> dict[str, float]:
     """Weighted-kNN top-1/top-5 of the current encoder: train split as bank, test split queried
     (``config.knn`` settings).
 
@@ -328,14 +375,14 @@ def knn_monitor(config, feature_fn, replicated_variables, devices) -> dict[str, 
 def evaluate_workdir(
     workdir: str,
     *,
-    config=None,
+    config: ml_collections.ConfigDict | None = None,
     step: int | None = None,
     linear_epochs: int = 100,
     linear_batch_size: int = 512,
     linear_learning_rate: float = 1e-3,
     ridge_l2: float = 1e-3,
     seed: int = 0,
-) -> dict:
+) -> dict[str, Any]:
     """Restores a run's checkpoint (the latest when ``step`` is None) and evaluates its encoder.
 
     Encoder features (the layer before the projection head, L2-normalised, BatchNorm in inference
@@ -352,7 +399,7 @@ def evaluate_workdir(
     info = data.dataset_info(config.data.name, config.data.data_dir)
     train_x, train_y, test_x, test_y = _train_and_test_features(config, feature_fn, replicated, 1)
     common = dict(num_classes=info.num_classes)
-    results = {
+    results: dict[str, Any] = {
         **_knn_with_config(config, train_x, train_y, test_x, test_y),
         **linear_probe(
             train_x,

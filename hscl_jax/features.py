@@ -10,8 +10,8 @@ function as the encoder.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import numpy as np
@@ -19,11 +19,32 @@ from jax.sharding import PartitionSpec
 
 from hscl_jax import data, distributed, models
 
+if TYPE_CHECKING:
+    import ml_collections
+
 # How uint8 evaluation images become the encoder's input: (the dataset, the eval image size).
 EvalImages = tuple[data.DatasetInfo, int]
 
 
-def _features_of(variables, images, *, model: models.ContrastiveModel, eval_images):
+class FeatureFn(Protocol):
+    """What :func:`make_feature_fn` returns: ``(variables, images, eval_images=None) ->
+    features`` (host numpy)."""
+
+    def __call__(
+        self,
+        variables: Any,
+        images: np.ndarray | jax.Array,
+        eval_images: EvalImages | None = None,
+    ) -> np.ndarray: ...
+
+
+def _features_of(
+    variables: Any,
+    images: jax.Array,
+    *,
+    model: models.ContrastiveModel,
+    eval_images: EvalImages | None,
+) -> jax.Array:
     if eval_images is not None:
         images = data.eval_images(images, *eval_images)
     features, _ = model.apply(variables, images, train=False)
@@ -31,8 +52,8 @@ def _features_of(variables, images, *, model: models.ContrastiveModel, eval_imag
 
 
 def make_feature_fn(
-    model: models.ContrastiveModel, devices, parallelism: str = "pmap"
-) -> Callable[..., np.ndarray]:
+    model: models.ContrastiveModel, devices: Sequence[jax.Device], parallelism: str = "pmap"
+) -> FeatureFn:
     """``(variables, images, eval_images=None) -> features`` mapped over ``devices`` (those of
     every process) as ``parallelism`` says ("mesh" or "pmap": hscl_jax.distributed.Parallelism).
 
@@ -43,9 +64,12 @@ def make_feature_fn(
     """
     parallel = distributed.Parallelism(parallelism, tuple(devices))
     replicated, sharded = PartitionSpec(), PartitionSpec(distributed.AXIS_NAME)
-    mapped: dict[Any, Callable] = {}  # one compiled function per kind of input images
+    # One compiled function per kind of input images.
+    mapped: dict[EvalImages | None, Callable[..., Any]] = {}
 
-    def features(variables, images, eval_images: EvalImages | None = None) -> np.ndarray:
+    def features(
+        variables: Any, images: np.ndarray | jax.Array, eval_images: EvalImages | None = None
+    ) -> np.ndarray:
         if eval_images not in mapped:
             per_device = functools.partial(_features_of, model=model, eval_images=eval_images)
             mapped[eval_images] = parallel.map(per_device, (replicated, sharded), sharded)
@@ -56,9 +80,9 @@ def make_feature_fn(
 
 
 def compute_features(
-    apply_features: Callable,
-    variables,
-    batches: Iterable[dict[str, np.ndarray]],
+    apply_features: FeatureFn,
+    variables: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
     *,
     eval_images: EvalImages | None = None,
     max_examples: int | None = None,
@@ -70,17 +94,19 @@ def compute_features(
     images are preprocessed per ``eval_images``. ``max_examples`` stops after that many examples
     (None: all).
     """
-    features, labels, collected = [], [], 0
+    feature_rows: list[np.ndarray] = []
+    label_rows: list[np.ndarray] = []
+    collected = 0
     for batch in batches:
         raw = np.asarray(batch["image"]).dtype == np.uint8
         batch_features = apply_features(variables, batch["image"], eval_images if raw else None)
         mask = np.asarray(batch["mask"]).reshape(-1)
-        features.append(batch_features.reshape(mask.shape[0], -1)[mask])
-        labels.append(np.asarray(batch["label"]).reshape(-1)[mask])
+        feature_rows.append(batch_features.reshape(mask.shape[0], -1)[mask])
+        label_rows.append(np.asarray(batch["label"]).reshape(-1)[mask])
         collected += int(mask.sum())
         if max_examples is not None and collected >= max_examples:
             break
-    features, labels = np.concatenate(features), np.concatenate(labels)
+    features, labels = np.concatenate(feature_rows), np.concatenate(label_rows)
     if max_examples is not None:
         features, labels = features[:max_examples], labels[:max_examples]
     return features, labels
@@ -101,9 +127,9 @@ def gather_across_processes(array: np.ndarray) -> np.ndarray:
 
 
 def split_features(
-    feature_fn: Callable,
-    replicated_variables,
-    data_config,
+    feature_fn: FeatureFn,
+    replicated_variables: Any,
+    data_config: ml_collections.ConfigDict,
     split: str,
     *,
     batch_size: int,

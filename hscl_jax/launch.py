@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from types import FrameType
+from typing import IO
 
 from hscl_jax import distributed
 
@@ -98,7 +100,7 @@ def describe_status(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
-def _copy_prefixed(stream, prefix: str, lock: threading.Lock) -> None:
+def _copy_prefixed(stream: IO[bytes], prefix: str, lock: threading.Lock) -> None:
     for line in iter(stream.readline, b""):
         with lock:
             sys.stdout.buffer.write(prefix.encode() + line)
@@ -119,7 +121,7 @@ def _die_with_parent() -> None:
 @dataclasses.dataclass
 class _Child:
     process_id: int
-    popen: subprocess.Popen
+    popen: subprocess.Popen[bytes]
     copier: threading.Thread
     ended_at: float | None = None  # time.monotonic() when the launcher saw it end
 
@@ -173,14 +175,14 @@ def run(
         copier.start()
         children.append(_Child(process_id, popen, copier))
 
-    def forward(signum, frame):
+    def forward(signum: int, frame: FrameType | None) -> None:
         del frame
         _log(f"received {signal.Signals(signum).name}: passing it on to every process", lock)
         _signal_all(children, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     first_failure: _Child | None = None
-    terminated_at = None
+    terminated_at: float | None = None
     try:
         while True:
             now = time.monotonic()
@@ -198,7 +200,9 @@ def run(
             if all(child.ended_at is not None for child in children):
                 break
             if first_failure is not None:
-                if terminated_at is None and now - first_failure.ended_at > grace_seconds:
+                failed_at = first_failure.ended_at
+                assert failed_at is not None  # set when its failure was seen
+                if terminated_at is None and now - failed_at > grace_seconds:
                     _log("terminating the remaining processes (SIGTERM)", lock)
                     _signal_all(children, signal.SIGTERM)
                     terminated_at = now
@@ -219,6 +223,8 @@ def run(
         return 0
     for child in children:
         if child is not first_failure:
+            # Every child has ended by now (the loop above waits for all).
+            assert child.ended_at is not None and first_failure.ended_at is not None
             delay = child.ended_at - first_failure.ended_at
             _log(
                 f"process {child.process_id} ended with {describe_status(child.popen.returncode)}"

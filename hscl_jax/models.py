@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    import ml_collections
 
 MODEL_NAMES = ("small_cnn", "resnet18", "resnet50")
 DTYPE_NAMES = ("float32", "bfloat16")
@@ -36,14 +41,16 @@ _BN_EPSILON = 1e-5
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+def l2_normalize(x: jax.Array | np.ndarray, eps: float = 1e-12) -> jax.Array:
     """Rows of ``x`` divided by their L2 norm (as torch.nn.functional.normalize), in float32."""
-    x = x.astype(jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
     norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
     return x / jnp.maximum(norm, eps)
 
 
-def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str | None = None, **kw):
+def _batch_norm(
+    train: bool, axis_name: str | None, dtype: Any, name: str | None = None, **kw: Any
+) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=_BN_MOMENTUM,
@@ -56,7 +63,9 @@ def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str | None
     )
 
 
-def _block_layers(dtype, bn_axis_name, train: bool):
+def _block_layers(
+    dtype: Any, bn_axis_name: str | None, train: bool
+) -> tuple[Callable[..., nn.Conv], Callable[..., nn.BatchNorm]]:
     """The bias-free convolution and the BatchNorm every residual block builds from."""
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init
@@ -74,7 +83,7 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         conv, norm = _block_layers(self.dtype, self.bn_axis_name, train)
         residual = x
         y = conv(self.filters, (3, 3), strides=self.strides, padding=1, name="conv1")(x)
@@ -97,7 +106,7 @@ class BottleneckBlock(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         conv, norm = _block_layers(self.dtype, self.bn_axis_name, train)
         residual = x
         y = conv(self.filters, (1, 1), name="conv1")(x)
@@ -122,7 +131,7 @@ class ResNet(nn.Module):
     """
 
     stage_sizes: Sequence[int]
-    block_cls: Callable[..., nn.Module]
+    block_cls: type[BasicBlock] | type[BottleneckBlock]
     width: int = 64
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
@@ -133,7 +142,7 @@ class ResNet(nn.Module):
         return self.width * 2 ** (len(self.stage_sizes) - 1) * self.block_cls.expansion
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
         imagenet = self.stem == "imagenet"
         x = nn.Conv(
@@ -174,7 +183,7 @@ class SmallCNN(nn.Module):
         return 4 * self.width
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
         for i, channels in enumerate((self.width, 2 * self.width, 4 * self.width)):
             if i == 2:
@@ -201,7 +210,7 @@ class ProjectionHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = nn.Dense(
             self.hidden_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="fc1"
         )(x)
@@ -215,13 +224,13 @@ class ContrastiveModel(nn.Module):
     encoder: nn.Module
     head: nn.Module
 
-    def __call__(self, images, *, train: bool):
+    def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
         features = self.encoder(images, train=train)
         projection = self.head(features, train=train)
         return l2_normalize(features), l2_normalize(projection)
 
 
-_RESNETS = {
+_RESNETS: dict[str, tuple[tuple[int, ...], type[BasicBlock] | type[BottleneckBlock]]] = {
     "resnet18": ((2, 2, 2, 2), BasicBlock),
     "resnet50": ((3, 4, 6, 3), BottleneckBlock),
 }
@@ -270,6 +279,7 @@ def create_model(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"model.{field}={value!r} must be a positive integer")
     compute_dtype = parse_dtype(dtype)
+    encoder: SmallCNN | ResNet
     if name == "small_cnn":
         if stage_sizes is not None or stem != "cifar":
             raise ValueError(
@@ -296,7 +306,9 @@ def create_model(
     return ContrastiveModel(encoder=encoder, head=head)
 
 
-def model_from_config(model_config, *, bn_axis_name: str | None = None) -> ContrastiveModel:
+def model_from_config(
+    model_config: ml_collections.ConfigDict, *, bn_axis_name: str | None = None
+) -> ContrastiveModel:
     """create_model from the `config.model` ConfigDict (name, width, stage_sizes, dtype, ...)."""
     return create_model(
         model_config.name,

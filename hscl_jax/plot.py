@@ -19,10 +19,12 @@ import csv
 import glob
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
+import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -47,7 +49,10 @@ def read_csv_columns(path: str) -> dict[str, np.ndarray]:
         rows = list(reader)
         names = reader.fieldnames or []
 
-    def number(text):
+    def number(text: str | None) -> float:
+        # A row shorter than the header holds None in its missing cells.
+        if text is None:
+            return float("nan")
         try:
             return float(text)
         except (TypeError, ValueError):
@@ -75,7 +80,7 @@ def _require_columns(table: dict[str, np.ndarray], columns: Sequence[str], what:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_training_curves(records: Sequence[dict], path: str) -> str:
+def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
     """Training loss and kNN top-1 against step (metrics.jsonl records) in one PNG."""
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r and "step" in r]
@@ -169,15 +174,15 @@ def plot_beta_sweep(table: dict[str, np.ndarray], path: str) -> str:
     return _save(figure, path)
 
 
-def pca_2d(features) -> np.ndarray:
+def pca_2d(features: npt.ArrayLike) -> np.ndarray:
     """Projection of ``features`` (n, d) on its first two principal components, (n, 2).
 
     Fewer than two dimensions (or rank) leave zero columns.
     """
-    features = np.asarray(features, np.float64)
-    if features.ndim != 2 or features.shape[0] < 1:
-        raise ValueError(f"features must have shape (n >= 1, d), got {features.shape}")
-    centred = features - features.mean(axis=0)
+    array = np.asarray(features, np.float64)
+    if array.ndim != 2 or array.shape[0] < 1:
+        raise ValueError(f"features must have shape (n >= 1, d), got {array.shape}")
+    centred = array - array.mean(axis=0)
     _, _, components = np.linalg.svd(centred, full_matrices=False)
     projected = centred @ components[:2].T
     if projected.shape[1] < 2:
@@ -185,7 +190,7 @@ def pca_2d(features) -> np.ndarray:
     return projected
 
 
-def _class_colours(count: int) -> list:
+def _class_colours(count: int) -> list[tuple[float, float, float, float]]:
     if count <= 10:
         return [matplotlib.colormaps["tab10"](i) for i in range(count)]
     if count <= 20:
@@ -194,30 +199,38 @@ def _class_colours(count: int) -> list:
 
 
 def plot_embeddings_pca(
-    features, labels, path: str, *, max_points: int = 5000, title: str | None = None
+    features: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    path: str,
+    *,
+    max_points: int = 5000,
+    title: str | None = None,
 ) -> str:
     """2-D PCA scatter of ``features`` (n, d) coloured by integer class ``labels`` (n,).
 
     At most ``max_points`` points are drawn (the first ones; the PCA uses them all).
     """
-    labels = np.asarray(labels)
-    features = np.asarray(features)
-    if labels.shape != (features.shape[0],) or features.ndim != 2:
+    label_array = np.asarray(labels)
+    feature_array = np.asarray(features)
+    if label_array.shape != (feature_array.shape[0],) or feature_array.ndim != 2:
         raise ValueError(
-            f"features (n, d) and labels (n,) must match, got {features.shape} and {labels.shape}"
+            f"features (n, d) and labels (n,) must match, got {feature_array.shape} and "
+            f"{label_array.shape}"
         )
-    points = pca_2d(features)[:max_points]
-    labels = labels[:max_points].astype(int)
-    classes = np.unique(labels)
+    points = pca_2d(feature_array)[:max_points]
+    shown_labels = label_array[:max_points].astype(int)
+    classes = np.unique(shown_labels)
     figure = Figure(figsize=(6.5, 6))
     axes = figure.subplots()
     colours = _class_colours(len(classes))
     for colour, cls in zip(colours, classes, strict=True):
-        chosen = labels == cls
-        axes.scatter(*points[chosen].T, s=6, color=colour, label=str(cls), alpha=0.7)
+        chosen = shown_labels == cls
+        axes.scatter(
+            points[chosen, 0], points[chosen, 1], s=6, color=colour, label=str(cls), alpha=0.7
+        )
     if len(classes) <= 20:
         axes.legend(markerscale=3, fontsize="small", title="class")
-    axes.set_title(title or f"PCA of {features.shape[1]}-d embeddings ({len(points)} points)")
+    axes.set_title(title or f"PCA of {feature_array.shape[1]}-d embeddings ({len(points)} points)")
     axes.set_xlabel("PC 1")
     axes.set_ylabel("PC 2")
     figure.tight_layout()

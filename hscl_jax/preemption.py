@@ -18,17 +18,23 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 # "Temporary failure, retry" (sysexits.h EX_TEMPFAIL): stopped cleanly, resume by rerunning.
 EXIT_STATUS = 75
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A signal's handler as `signal.signal` takes and returns it: a function, SIG_DFL or SIG_IGN, or
+# None (a handler not installed from Python).
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class StopRequested(Exception):
     """Raised after the checkpoint of ``step`` was saved because ``signal_name`` asked to stop."""
 
-    def __init__(self, step: int, signal_name: str, checkpoint_dir: str):
+    def __init__(self, step: int, signal_name: str, checkpoint_dir: str) -> None:
         self.step = step
         self.signal_name = signal_name
         self.checkpoint_dir = checkpoint_dir
@@ -51,15 +57,15 @@ class StopSignals:
     Outside the main thread (where Python cannot install handlers) it does nothing.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: str | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         del frame
         self.received = signal.Signals(signum).name
 
-    def _forward_to_sigterm(self, signum, frame) -> None:
+    def _forward_to_sigterm(self, signum: int, frame: FrameType | None) -> None:
         del frame
         self.received = signal.Signals(signum).name
         os.kill(os.getpid(), signal.SIGTERM)
@@ -75,7 +81,7 @@ class StopSignals:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}

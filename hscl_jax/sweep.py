@@ -30,7 +30,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -40,6 +41,12 @@ from hscl_jax import evaluate, losses, metrics, trainer
 
 TILTED = ("hucl", "hscl")
 METRICS = ("knn_top1", "knn_top5", "linear_top1")
+
+# A run's record (record.json, an entry of study.json): its method, beta, seed, queue size,
+# hardening, METRICS and wall time, as JSON.
+Record = dict[str, Any]
+# The cell a run belongs to: (method, beta, queue size, hardening).
+Cell = tuple[str, float, int, str]
 
 DEFAULT_GRID = {
     "methods": losses.LOSS_NAMES,
@@ -66,7 +73,7 @@ class Run:
         return name
 
 
-def grid_runs(grid) -> list[Run]:
+def grid_runs(grid: Mapping[str, Any]) -> list[Run]:
     """The runs of a grid: tilted methods once per beta, the others once; for every seed."""
     methods = tuple(grid["methods"])
     unknown = [m for m in methods if m not in losses.LOSS_NAMES]
@@ -85,7 +92,7 @@ def grid_runs(grid) -> list[Run]:
         raise ValueError(f"sweep queue_sizes must be integers >= 0, got {queue_sizes}")
     hardenings = [h for h in grid.get("hardenings", ("exp",)) if h != "exp"]
     # Seed-major order: a sweep stopped early still holds every cell for its first seeds.
-    runs = []
+    runs: list[Run] = []
     for seed in seeds:
         for method in methods:
             for beta in betas if method in TILTED else (0.0,):
@@ -117,7 +124,7 @@ def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.Conf
     return config
 
 
-def run_one(config: ml_collections.ConfigDict, run: Run, run_dir: str) -> dict:
+def run_one(config: ml_collections.ConfigDict, run: Run, run_dir: str) -> Record:
     """Trains and evaluates one run (resuming if it was interrupted); returns its record."""
     record_path = os.path.join(run_dir, "record.json")
     if os.path.exists(record_path):
@@ -141,12 +148,12 @@ def run_one(config: ml_collections.ConfigDict, run: Run, run_dir: str) -> dict:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    values = np.asarray(values, float)
-    std = values.std(ddof=1) if len(values) > 1 else float("nan")
-    return f"{100 * values.mean():.2f} +- {100 * std:.2f}"
+    array = np.asarray(values, float)
+    std = array.std(ddof=1) if len(array) > 1 else float("nan")
+    return f"{100 * array.mean():.2f} +- {100 * std:.2f}"
 
 
-def _cell(record: dict) -> tuple[str, float, int, str]:
+def _cell(record: Record) -> Cell:
     """(method, beta, queue size, hardening) of a record (records written before queues and
     hardening functions existed had neither: no queue, "exp")."""
     return (
@@ -157,20 +164,21 @@ def _cell(record: dict) -> tuple[str, float, int, str]:
     )
 
 
-def _cell_of(method: str, beta: float = 0.0, queue_size: int = 0, hardening: str = "exp"):
+def _cell_of(method: str, beta: float = 0.0, queue_size: int = 0, hardening: str = "exp") -> Cell:
     return (method, float(beta) if method in TILTED else 0.0, queue_size, hardening)
 
 
-def paired_difference(records: Iterable[dict], cell: tuple, baseline: tuple, metric: str):
+def paired_difference(
+    records: Iterable[Record], cell: Cell, baseline: Cell, metric: str
+) -> dict[str, float] | None:
     """Cell minus baseline cell (each ``(method, beta, queue_size, hardening)``) over the seeds
     both finished: mean, std, t and p (two-sided); None with fewer than 2 pairs."""
-    by_seed = {}
+    by_seed: dict[int, dict[str, float]] = {}
     for r in records:
+        got = _cell(r)
         for key, wanted in (("a", cell), ("b", baseline)):
-            if _cell(r)[0] == wanted[0] and all(
-                math.isclose(x, y) if isinstance(x, float) else x == y
-                for x, y in zip(_cell(r)[1:], wanted[1:], strict=True)
-            ):
+            # Betas compare as floats; method, queue size and hardening exactly.
+            if got[0] == wanted[0] and math.isclose(got[1], wanted[1]) and got[2:] == wanted[2:]:
                 by_seed.setdefault(r["seed"], {})[key] = r[metric]
     diffs = np.array([v["a"] - v["b"] for v in by_seed.values() if len(v) == 2])
     if len(diffs) < 2:
@@ -191,9 +199,9 @@ def paired_difference(records: Iterable[dict], cell: tuple, baseline: tuple, met
     }
 
 
-def _comparisons(cells) -> list[tuple[str, tuple, tuple]]:
+def _comparisons(cells: Sequence[Cell]) -> list[tuple[str, Cell, Cell]]:
     """(label, cell, baseline) of every paired comparison the cells allow."""
-    comparisons = []
+    comparisons: list[tuple[str, Cell, Cell]] = []
     for method, beta, size, hardening in cells:
         if hardening == "exp":
             for tilted, untilted in (("hscl", "scl"), ("hucl", "ucl")):
@@ -219,9 +227,9 @@ def _comparisons(cells) -> list[tuple[str, tuple, tuple]]:
     return comparisons
 
 
-def study_markdown(records: list[dict]) -> str:
+def study_markdown(records: list[Record]) -> str:
     """The per-cell table and the paired comparisons, as Markdown."""
-    cells: dict[tuple, list[dict]] = {}
+    cells: dict[Cell, list[Record]] = {}
     for r in records:
         cells.setdefault(_cell(r), []).append(r)
     lines = [
@@ -260,12 +268,12 @@ def study_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[Record]:
     """Runs every run of the grid not finished yet; rewrites study.json/study.md after each."""
     grid = config.sweep.to_dict() if "sweep" in config else DEFAULT_GRID
     runs = grid_runs(grid)
     os.makedirs(workdir, exist_ok=True)
-    records = []
+    records: list[Record] = []
     for i, run in enumerate(runs):
         print(f"[sweep] run {i + 1}/{len(runs)}: {run.name}", flush=True)
         records.append(
@@ -277,9 +285,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     return records
 
 
-def main(argv) -> None:
+def main(argv: Sequence[str]) -> None:
     del argv
-    run_sweep(_CONFIG.value, _WORKDIR.value)
+    workdir = _WORKDIR.value
+    assert workdir is not None  # a required flag
+    run_sweep(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,14 @@ global figures.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from hscl_jax import losses
 
@@ -81,7 +82,7 @@ def check_config(theory_config: ml_collections.ConfigDict) -> None:
             ) from None
 
 
-def _check_batch(z1, z2, labels) -> None:
+def _check_batch(z1: ArrayLike, z2: ArrayLike, labels: ArrayLike) -> None:
     z1_shape, z2_shape = jnp.shape(z1), jnp.shape(z2)
     if len(z1_shape) != 2 or z1_shape != z2_shape or z1_shape[0] < 1:
         raise ValueError(
@@ -98,39 +99,73 @@ def _check_batch(z1, z2, labels) -> None:
 # ----------------------------------------------------------------------------- four losses
 
 
-def four_losses(z1, z2, labels, *, beta, temperature=0.5, axis_name=None) -> dict[str, jax.Array]:
+def four_losses(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    *,
+    beta: ArrayLike,
+    temperature: ArrayLike = 0.5,
+    axis_name: Hashable | None = None,
+) -> dict[str, jax.Array]:
     """The paper's loss study on one batch: {"hscl", "hucl", "scl", "ucl"} (scalars).
 
     All four use the partner view as the only positive and Q = 2B - 2: H-SCL and SCL with
     ``positives="partner"``, H-UCL with ``tau_plus=0`` and no clamp (the comparison setting), UCL.
     ``beta`` tilts H-SCL and H-UCL. With ``axis_name`` (inside pmap) the values are global.
     """
-    common = {"temperature": temperature, "axis_name": axis_name}
     return {
-        "hscl": losses.hscl(z1, z2, labels, beta=beta, positives="partner", **common),
-        "hucl": losses.hucl(z1, z2, beta=beta, tau_plus=0.0, clamp=False, **common),
-        "scl": losses.scl(z1, z2, labels, positives="partner", **common),
-        "ucl": losses.ucl(z1, z2, **common),
+        "hscl": losses.hscl(
+            z1,
+            z2,
+            labels,
+            beta=beta,
+            positives="partner",
+            temperature=temperature,
+            axis_name=axis_name,
+        ),
+        "hucl": losses.hucl(
+            z1,
+            z2,
+            beta=beta,
+            tau_plus=0.0,
+            clamp=False,
+            temperature=temperature,
+            axis_name=axis_name,
+        ),
+        "scl": losses.scl(
+            z1, z2, labels, positives="partner", temperature=temperature, axis_name=axis_name
+        ),
+        "ucl": losses.ucl(z1, z2, temperature=temperature, axis_name=axis_name),
     }
 
 
 # ----------------------------------------------------------------------------- Assumption 1
 
 
-def _tilted_log_mean(s_row, mask, beta):
+def _tilted_log_mean(s_row: jax.Array, mask: jax.Array, beta: jax.Array) -> jax.Array:
     """log of sum_j exp((beta+1) s_j) / sum_j exp(beta s_j) over the masked j of one anchor."""
     lse = losses.masked_logsumexp
     return lse((beta + 1.0) * s_row, mask) - lse(beta * s_row, mask)
 
 
-def _assumption1_sums(z1, z2, labels, beta, temperature, axis_name):
+def _assumption1_sums(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    beta: jax.Array,
+    temperature: ArrayLike,
+    axis_name: Hashable | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Anchors counted, anchors for which m_same >= m_diff, and the sum of their log-ratios."""
     dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
-    rows, row_partner, cols = losses.contrast_views(z1, z2, labels, axis_name)
+    rows, row_partner, cols = losses.contrast_views(
+        jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(labels), axis_name
+    )
     row_index, row_label = rows.index, rows.label
     col_index, col_label = cols.index, cols.label
-    rows, cols = rows.z.astype(dtype), cols.z.astype(dtype)
-    s = jnp.matmul(rows, cols.T, precision=losses.MATMUL_PRECISION) / temperature
+    row_z, col_z = rows.z.astype(dtype), cols.z.astype(dtype)
+    s = jnp.matmul(row_z, col_z.T, precision=losses.MATMUL_PRECISION) / temperature
     candidate = (col_index[None, :] != row_index[:, None]) & (
         col_index[None, :] != row_partner[:, None]
     )
@@ -152,11 +187,21 @@ def _assumption1_sums(z1, z2, labels, beta, temperature, axis_name):
     return sums
 
 
-def _assumption1(z1, z2, labels, beta, temperature, axis_name):
-    beta = jnp.asarray(beta, jnp.float32)
-    z1, z2 = lax.stop_gradient(z1), lax.stop_gradient(z2)
+def _assumption1(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    beta: ArrayLike,
+    temperature: ArrayLike,
+    axis_name: Hashable | None,
+) -> dict[str, jax.Array]:
     num_counted, num_holding, log_ratio_sum = _assumption1_sums(
-        z1, z2, labels, beta, temperature, axis_name
+        lax.stop_gradient(z1),
+        lax.stop_gradient(z2),
+        labels,
+        jnp.asarray(beta, jnp.float32),
+        temperature,
+        axis_name,
     )
     denominator = jnp.maximum(num_counted, 1.0)
     return {
@@ -169,7 +214,15 @@ def _assumption1(z1, z2, labels, beta, temperature, axis_name):
 _assumption1_jit = jax.jit(_assumption1, static_argnums=(5,))
 
 
-def assumption1(z1, z2, labels, *, beta, temperature=0.5, axis_name=None) -> dict[str, jax.Array]:
+def assumption1(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    *,
+    beta: ArrayLike,
+    temperature: ArrayLike = 0.5,
+    axis_name: Hashable | None = None,
+) -> dict[str, jax.Array]:
     """Batch estimate of Assumption 1 (m_same >= m_diff per anchor), global under pmap.
 
     For anchor i, ``m_same`` / ``m_diff`` are the beta-tilted means of exp(s_ij) over the
@@ -191,7 +244,16 @@ def assumption1(z1, z2, labels, *, beta, temperature=0.5, axis_name=None) -> dic
 # ----------------------------------------------------------------------------- N -> infinity
 
 
-def _hscl_against_negatives(z1, z2, labels, negatives, negative_labels, negative_valid, beta, t):
+def _hscl_against_negatives(
+    z1: jax.Array,
+    z2: jax.Array,
+    labels: jax.Array,
+    negatives: jax.Array,
+    negative_labels: jax.Array,
+    negative_valid: jax.Array,
+    beta: jax.Array,
+    t: jax.Array,
+) -> jax.Array:
     dtype = jnp.promote_types(jnp.result_type(z1, z2), jnp.float32)
     anchors = jnp.concatenate([z1, z2]).astype(dtype)
     partners = jnp.concatenate([z2, z1]).astype(dtype)
@@ -208,7 +270,15 @@ def _hscl_against_negatives(z1, z2, labels, negatives, negative_labels, negative
 
 
 def hscl_against_negatives(
-    z1, z2, labels, negatives, negative_labels, negative_valid=None, *, beta, temperature=0.5
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    negatives: ArrayLike,
+    negative_labels: ArrayLike,
+    negative_valid: ArrayLike | None = None,
+    *,
+    beta: ArrayLike,
+    temperature: ArrayLike = 0.5,
 ) -> jax.Array:
     """H-SCL of the batch ``z1, z2`` (anchors: all 2B views, positive: the partner view, Q = 2B -
     2, as in :func:`four_losses`) with each anchor's tilted mean taken over the rows of
@@ -236,17 +306,17 @@ def queue_prefix_sizes(queue_size: int) -> tuple[int, ...]:
 
 
 def negative_set_estimates(
-    z1,
-    z2,
-    labels,
-    reference,
-    reference_labels,
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    reference: ArrayLike,
+    reference_labels: ArrayLike,
     *,
-    beta,
-    temperature=0.5,
-    queue_keys=None,
-    queue_labels=None,
-    queue_count=0,
+    beta: ArrayLike,
+    temperature: ArrayLike = 0.5,
+    queue_keys: ArrayLike | None = None,
+    queue_labels: ArrayLike | None = None,
+    queue_count: int | jax.Array = 0,
 ) -> dict[str, float]:
     """The batch's H-SCL (:func:`hscl_against_negatives`) with three kinds of negative set.
 
@@ -266,6 +336,8 @@ def negative_set_estimates(
         "hscl_batch": hscl_against_negatives(z1, z2, labels, batch_views, batch_labels, **common),
     }
     if queue_keys is not None:
+        if queue_labels is None:
+            raise ValueError("queue_labels must be given with queue_keys")
         size = jnp.shape(queue_labels)[0]
         negatives = jnp.concatenate([batch_views, queue_keys])
         negative_labels = jnp.concatenate([batch_labels, queue_labels])
@@ -275,20 +347,29 @@ def negative_set_estimates(
             out[f"hscl_queue_{k}"] = hscl_against_negatives(
                 z1, z2, labels, negatives, negative_labels, valid, **common
             )
-    out = {key: float(value) for key, value in out.items()}
-    for key in list(out):
+    estimates = {key: float(value) for key, value in out.items()}
+    for key in list(estimates):
         if key != "hscl_reference":
-            out["gap_" + key[len("hscl_") :]] = out[key] - out["hscl_reference"]
-    return out
+            estimates["gap_" + key[len("hscl_") :]] = estimates[key] - estimates["hscl_reference"]
+    return estimates
 
 
 # ----------------------------------------------------------------------------- combined
 
 
-def _theory_metrics(z1, z2, labels, beta, temperature, axis_name):
+def _theory_metrics(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    beta: ArrayLike,
+    temperature: ArrayLike,
+    axis_name: Hashable | None,
+) -> dict[str, jax.Array]:
     z1, z2 = lax.stop_gradient(z1), lax.stop_gradient(z2)
-    metrics = four_losses(z1, z2, labels, beta=beta, temperature=temperature, axis_name=axis_name)
-    metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+    losses_four = four_losses(
+        z1, z2, labels, beta=beta, temperature=temperature, axis_name=axis_name
+    )
+    metrics = {k: v.astype(jnp.float32) for k, v in losses_four.items()}
     metrics.update(_assumption1(z1, z2, labels, beta, temperature, axis_name))
     metrics["hscl_le_hucl"] = (metrics["hscl"] <= metrics["hucl"]).astype(jnp.float32)
     metrics["scl_le_ucl"] = (metrics["scl"] <= metrics["ucl"]).astype(jnp.float32)
@@ -300,7 +381,13 @@ _theory_metrics_jit = jax.jit(_theory_metrics, static_argnums=(5,))
 
 
 def theory_metrics(
-    z1, z2, labels, *, beta, temperature=0.5, axis_name=None
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    *,
+    beta: ArrayLike,
+    temperature: ArrayLike = 0.5,
+    axis_name: Hashable | None = None,
 ) -> dict[str, jax.Array]:
     """The train-time theory monitor: :func:`four_losses`, :func:`assumption1` and the flags.
 
@@ -318,11 +405,20 @@ def theory_metrics(
 
 
 @jax.jit
-def _sweep(z1, z2, labels, betas, temperature):
+def _sweep(
+    z1: jax.Array, z2: jax.Array, labels: jax.Array, betas: jax.Array, temperature: jax.Array
+) -> dict[str, jax.Array]:
     return jax.vmap(lambda beta: _theory_metrics(z1, z2, labels, beta, temperature, None))(betas)
 
 
-def beta_sweep(z1, z2, labels, betas: Iterable[float], *, temperature=0.5) -> dict[str, np.ndarray]:
+def beta_sweep(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    labels: ArrayLike,
+    betas: Iterable[float],
+    *,
+    temperature: float = 0.5,
+) -> dict[str, np.ndarray]:
     """H-SCL vs UCL (and H-UCL, SCL, Assumption 1) across ``betas`` on fixed embeddings.
 
     Returns numpy arrays of len(betas) keyed by SWEEP_KEYS: ``beta``, the four losses (SCL and
@@ -332,10 +428,10 @@ def beta_sweep(z1, z2, labels, betas: Iterable[float], *, temperature=0.5) -> di
     """
     _check_batch(z1, z2, labels)
     temperature = losses.check_temperature(temperature)
-    betas = [losses.check_beta(beta) for beta in betas]
-    if not betas:
+    checked = [losses.check_beta(beta) for beta in betas]
+    if not checked:
         raise ValueError("betas must hold at least one value >= 0, got none")
-    swept = _sweep(z1, z2, labels, jnp.asarray(betas, jnp.float32), temperature)
-    result = {"beta": np.asarray(betas, np.float64)}
+    swept = _sweep(z1, z2, labels, jnp.asarray(checked, jnp.float32), temperature)
+    result = {"beta": np.asarray(checked, np.float64)}
     result.update({k: np.asarray(swept[k]) for k in SWEEP_KEYS if k != "beta"})
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -42,17 +43,19 @@ def check_field_path(config: ml_collections.ConfigDict, dotted: str) -> None:
         node, prefix = node[part], f"{prefix}.{part}"
 
 
-def to_json_ready(config: ml_collections.ConfigDict | dict) -> dict:
+def to_json_ready(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
     """``config`` as a dict that JSON can hold (tuples become lists, other objects strings)."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else config
     return json.loads(json.dumps(as_dict, default=str))
 
 
-def _up_to_schema(saved: dict, schema: dict, prefix: str, dropped: list[str]) -> dict:
+def _up_to_schema(
+    saved: dict[str, Any], schema: dict[str, Any], prefix: str, dropped: list[str]
+) -> dict[str, Any]:
     """``saved`` with the fields ``schema`` has and ``saved`` lacks (at their defaults) and without
     those ``schema`` lacks (listed in ``dropped``); a top-level section of the config file's own
     (e.g. ``sweep``) is kept."""
-    merged = {}
+    merged: dict[str, Any] = {}
     for key, default in schema.items():
         value = saved.get(key, default)
         both_sections = isinstance(default, dict) and isinstance(value, dict)
@@ -112,6 +115,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 RESUME_SENSITIVE = ("seed", "global_batch_size", "data", "loss", "optim", "model", "queue")
 
 
-def resume_mismatches(saved_config: dict, config_json: dict) -> list[str]:
+def resume_mismatches(saved_config: dict[str, Any], config_json: dict[str, Any]) -> list[str]:
     """The RESUME_SENSITIVE entries in which a checkpoint's saved config and this run's differ."""
     return [k for k in RESUME_SENSITIVE if saved_config.get(k) != config_json.get(k)]

@@ -223,7 +223,7 @@ def base_config(dataset: str = "cifar10") -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- field help
 
 
-def _help_sources() -> dict[str, Callable]:
+def _help_sources() -> dict[str, Callable[..., ml_collections.ConfigDict]]:
     """The function whose docstring documents each section ("" is the top level)."""
     return {
         "": run_fields,
@@ -238,7 +238,7 @@ def _first_sentence(text: str) -> str:
     return match.group(1) if match else text
 
 
-def documented_fields(function: Callable) -> dict[str, str]:
+def documented_fields(function: Callable[..., object]) -> dict[str, str]:
     """``{field: help}`` from the ``Fields:`` block of ``function``'s docstring: an entry is
     ``name: text`` at the block's indentation, continued by more deeply indented lines."""
     lines = (inspect.getdoc(function) or "").splitlines()

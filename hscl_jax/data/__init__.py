@@ -14,7 +14,7 @@ reading a TFDS dataset imports TFDS.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Public name -> the module of this package that defines it.
 _EXPORTS = {
@@ -101,7 +101,7 @@ if TYPE_CHECKING:
     from hscl_jax.data.tfds_source import clear_cache as clear_cache
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """A public name (loading its module) or a module of this package."""
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -25,6 +25,8 @@ preset value in `augment_params.AUGMENTATION_FIELDS` / `AUGMENTATION_PRESETS`), 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,18 @@ from hscl_jax.data.info import DatasetInfo
 _matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
 
-def _resize_matrix(start, length, out_size: int, in_size: int) -> jax.Array:
+class TrainBatch(TypedDict):
+    """The training-batch layout (above), on the host: numpy arrays with any leading axes."""
+
+    image: np.ndarray
+    view1_params: dict[str, np.ndarray]
+    view2_params: dict[str, np.ndarray]
+    label: np.ndarray
+
+
+def _resize_matrix(
+    start: jax.Array | float, length: jax.Array | float, out_size: int, in_size: int
+) -> jax.Array:
     """(out_size, in_size) rows resampling pixels [start, start + length) to out_size pixels.
 
     PIL's bilinear filter, which torchvision's resized crop uses: output pixel i is centred at
@@ -63,7 +76,9 @@ def _resize_matrix(start, length, out_size: int, in_size: int) -> jax.Array:
     return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
-def _crop_resize_flip(image, box, flip, crop_size: int) -> jax.Array:
+def _crop_resize_flip(
+    image: jax.Array, box: jax.Array, flip: jax.Array, crop_size: int
+) -> jax.Array:
     """uint8 (H, W, C) -> planes (C, crop, crop) in [0, 1]: R_y @ plane @ R_x^T per plane."""
     height, width = image.shape[0], image.shape[1]
     rows = _resize_matrix(box[0], box[2], crop_size, height) * (1.0 / 255.0)
@@ -74,7 +89,7 @@ def _crop_resize_flip(image, box, flip, crop_size: int) -> jax.Array:
     return _matmul(_matmul(rows, planes), columns.T)
 
 
-def _gray(planes) -> jax.Array:
+def _gray(planes: jax.Array) -> jax.Array:
     """Luma (h, w) with torchvision's weights; the plane itself for one-channel images."""
     if planes.shape[0] == 1:
         return planes[0]
@@ -82,11 +97,11 @@ def _gray(planes) -> jax.Array:
     return GRAY_WEIGHTS[0] * red + GRAY_WEIGHTS[1] * green + GRAY_WEIGHTS[2] * blue
 
 
-def _mod6(values) -> jax.Array:
+def _mod6(values: jax.Array) -> jax.Array:
     return values - 6.0 * jnp.floor(values * (1.0 / 6.0))
 
 
-def _shift_hue(planes, shift) -> jax.Array:
+def _shift_hue(planes: jax.Array, shift: jax.Array) -> jax.Array:
     """Rotates the HSV hue of every pixel by `shift` (a fraction of a turn).
 
     The shift keeps each pixel's max (value) and max - min (chroma), so the result is written
@@ -113,7 +128,9 @@ def _shift_hue(planes, shift) -> jax.Array:
     return jnp.stack(channels)
 
 
-def _color_jitter(planes, factors, order, aug: Augmentation) -> jax.Array:
+def _color_jitter(
+    planes: jax.Array, factors: jax.Array, order: jax.Array, aug: Augmentation
+) -> jax.Array:
     """Brightness, contrast, saturation and hue jitter in the image's own random order.
 
     At each of the four slots the image runs exactly one op (or none). The three blends
@@ -125,6 +142,7 @@ def _color_jitter(planes, factors, order, aug: Augmentation) -> jax.Array:
         factor = jnp.float32(1.0)
         for op in (BRIGHTNESS, CONTRAST, SATURATION):
             factor = jnp.where(op_id == op, factors[op], factor)
+        target: jax.Array | float
         if aug.contrast > 0 or aug.saturation > 0:
             gray = _gray(planes)[None]
             mean_gray = jnp.mean(gray, axis=(1, 2), keepdims=True)
@@ -142,21 +160,23 @@ def _color_jitter(planes, factors, order, aug: Augmentation) -> jax.Array:
     return planes
 
 
-def _blur(planes, kernel) -> jax.Array:
+def _blur(planes: jax.Array, kernel: jax.Array) -> jax.Array:
     """Separable Gaussian blur with reflected borders: G @ plane @ G^T."""
     shifts = reflect_shift_matrices(planes.shape[1], kernel.shape[0])
     blur = jnp.einsum("k,kij->ij", kernel, shifts, precision=jax.lax.Precision.HIGHEST)
     return _matmul(_matmul(blur, planes), blur.T)
 
 
-def _normalise(planes, mean, std) -> jax.Array:
+def _normalise(planes: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     """Planes (C, h, w) in [0, 1] -> (h, w, C) normalised with the dataset's mean and std."""
-    mean = jnp.asarray(mean, jnp.float32)[:, None, None]
-    std = jnp.asarray(std, jnp.float32)[:, None, None]
-    return jnp.transpose((planes - mean) / std, (1, 2, 0))
+    mean_planes = jnp.asarray(mean, jnp.float32)[:, None, None]
+    std_planes = jnp.asarray(std, jnp.float32)[:, None, None]
+    return jnp.transpose((planes - mean_planes) / std_planes, (1, 2, 0))
 
 
-def _augment_image(image, params, aug: Augmentation) -> jax.Array:
+def _augment_image(
+    image: jax.Array, params: Mapping[str, jax.Array], aug: Augmentation
+) -> jax.Array:
     planes = _crop_resize_flip(image, params["boxes"], params["flip"], aug.crop_size)
     if aug.color_jitter_prob > 0:
         planes = _color_jitter(planes, params["jitter_factors"], params["jitter_order"], aug)
@@ -168,11 +188,15 @@ def _augment_image(image, params, aug: Augmentation) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("aug",))
-def _augment_flat(images, params, aug: Augmentation) -> jax.Array:
+def _augment_flat(
+    images: jax.Array, params: Mapping[str, jax.Array], aug: Augmentation
+) -> jax.Array:
     return jax.vmap(functools.partial(_augment_image, aug=aug))(images, params)
 
 
-def _check_images(images, image_size: int, channels: int, what: str) -> tuple[int, ...]:
+def _check_images(
+    images: jax.Array | np.ndarray, image_size: int, channels: int, what: str
+) -> tuple[int, ...]:
     """The leading (batch) axes of uint8 images (..., image_size, image_size, channels)."""
     stored = (image_size, image_size, channels)
     if images.dtype != jnp.uint8 or images.ndim < 4 or tuple(images.shape[-3:]) != stored:
@@ -195,7 +219,9 @@ _PARAM_SHAPES = {
 }
 
 
-def _flat_params(params, leading: tuple[int, ...], kernel_size: int) -> dict:
+def _flat_params(
+    params: Mapping[str, jax.typing.ArrayLike], leading: tuple[int, ...], kernel_size: int
+) -> dict[str, jax.Array]:
     expected = {
         key: (*leading, *(kernel_size if d == "k" else d for d in shape))
         for key, shape in _PARAM_SHAPES.items()
@@ -212,7 +238,9 @@ def _flat_params(params, leading: tuple[int, ...], kernel_size: int) -> dict:
     }
 
 
-def augment_views(batch: dict, augmentation: Augmentation) -> tuple[jax.Array, jax.Array]:
+def augment_views(
+    batch: Mapping[str, Any], augmentation: Augmentation
+) -> tuple[jax.Array, jax.Array]:
     """The two views of a training batch (the layout above): float32 (..., b, crop, crop, C).
 
     Traceable (the train step calls it first) and jit-compiled on its own; any leading axes
@@ -236,7 +264,7 @@ def train_batch(
     *,
     seed: int = 0,
     step: int = 0,
-) -> dict:
+) -> TrainBatch:
     """The training-batch layout of uint8 `images` (b, H, W, C) with int `labels` (b,), taken as
     global batch `step` of a stream seeded by `seed` (both views' parameters from
     `augment_params.view_params`): for a loop fed by its own arrays rather than `train_iterator`."""
@@ -256,7 +284,7 @@ def eval_images(images: jax.Array, info: DatasetInfo, image_size: int = 0) -> ja
     leading = _check_images(images, info.image_size, info.channels, "evaluation preprocessing")
     stored = info.image_size
 
-    def one(image):
+    def one(image: jax.Array) -> jax.Array:
         planes = jnp.transpose(image, (2, 0, 1)).astype(jnp.float32) * (1.0 / 255.0)
         if image_size and image_size != stored:
             resize = _resize_matrix(0.0, float(stored), image_size, stored)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -111,7 +111,7 @@ class Augmentation:
     std: tuple[float, ...]
 
 
-def _pair(name: str, value, low: float, high: float) -> tuple[float, float]:
+def _pair(name: str, value: Iterable[float], low: float, high: float) -> tuple[float, float]:
     pair = tuple(float(v) for v in value)
     if len(pair) != 2 or not low <= pair[0] <= pair[1] <= high:
         raise DataError(
@@ -121,13 +121,13 @@ def _pair(name: str, value, low: float, high: float) -> tuple[float, float]:
     return pair
 
 
-def _probability(name: str, value) -> float:
+def _probability(name: str, value: float) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise DataError(f"augmentation.{name} must be a probability in [0, 1], got {value}.")
     return float(value)
 
 
-def _strength(name: str, value, high: float) -> float:
+def _strength(name: str, value: float, high: float) -> float:
     if not 0.0 <= float(value) <= high:
         raise DataError(f"augmentation.{name} must be in [0, {high}], got {value}.")
     return float(value)
@@ -139,7 +139,9 @@ def blur_kernel_size(fraction: float, crop_size: int) -> int:
     return size if size % 2 else size + 1
 
 
-def augmentation_settings(config: ConfigDict | Mapping, info: DatasetInfo) -> dict:
+def augmentation_settings(
+    config: ConfigDict | Mapping[str, Any], info: DatasetInfo
+) -> dict[str, Any]:
     """The op settings `config` (an `augmentation` ConfigDict) asks for on `info`'s dataset: its
     preset's (None: the dataset's own, `DatasetInfo.augmentation_preset`) with every field that
     `config` sets (not None) in place of the preset's."""
@@ -158,7 +160,7 @@ def augmentation_settings(config: ConfigDict | Mapping, info: DatasetInfo) -> di
     return settings
 
 
-def resolve_augmentation(config: ConfigDict | Mapping, info: DatasetInfo) -> Augmentation:
+def resolve_augmentation(config: ConfigDict | Mapping[str, Any], info: DatasetInfo) -> Augmentation:
     """Validates an `augmentation` ConfigDict against a dataset and returns its `Augmentation`."""
     s = augmentation_settings(config, info)
     jitter = bool(s["color_jitter"])
@@ -211,7 +213,8 @@ def _crop_boxes(rng: np.random.Generator, batch_size: int, aug: Augmentation) ->
         return np.tile(np.array([0.0, 0.0, side, side], np.float32), (batch_size, 1))
     area = side * side
     target_area = area * rng.uniform(*aug.crop_scale, size=(batch_size, _CROP_ATTEMPTS))
-    log_ratio = rng.uniform(*np.log(aug.crop_ratio), size=(batch_size, _CROP_ATTEMPTS))
+    low_log_ratio, high_log_ratio = np.log(aug.crop_ratio)
+    log_ratio = rng.uniform(low_log_ratio, high_log_ratio, size=(batch_size, _CROP_ATTEMPTS))
     aspect = np.exp(log_ratio)
     widths = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
     heights = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
@@ -162,7 +163,7 @@ def augmentation_for(data_config: ml_collections.ConfigDict) -> Augmentation:
     return resolve_augmentation(data_config.augmentation, info)
 
 
-def eval_preprocessing(data_config: ml_collections.ConfigDict) -> Callable:
+def eval_preprocessing(data_config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
     """uint8 (..., b, H, W, C) eval images -> float32 normalised ones (resized to
     `eval_image_size` when set): `augment.eval_images` bound to `config.data`. Pure and
     jit-compiled; map it over devices as the encoder is."""

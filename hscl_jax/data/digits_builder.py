@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,7 +43,8 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+# TFDS has no type information: its builder base class is Any to the checker.
+class Digits(tfds.core.GeneratorBasedBuilder):  # type: ignore[misc]
     """scikit-learn's optical recognition of handwritten digits (UCI), 10 classes, 8x8 grayscale."""
 
     # 1.0.0 was written as TFRecord by earlier versions of this package; their folders stay
@@ -69,7 +72,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             homepage="https://archive.ics.uci.edu/dataset/80",
         )
 
-    def _split_generators(self, dl_manager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager  # Nothing to download: the data ships with scikit-learn.
         images, labels = load_digits_arrays()
         split_indices = digits_split_indices(labels)
@@ -78,7 +83,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             for split, indices in split_indices.items()
         }
 
-    def _generate_examples(self, images, labels, indices):
+    def _generate_examples(
+        self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         for index in indices:
             # The key is the position in load_digits(), so every record traces back to its source.
             yield int(index), {"image": images[index], "label": int(labels[index])}
@@ -91,7 +98,7 @@ def _is_older_version(folder_name: str) -> bool:
         return False
 
 
-def _build_options() -> dict:
+def _build_options() -> dict[str, Any]:
     return {
         "file_format": DIGITS_FILE_FORMAT,
         "download_config": tfds.download.DownloadConfig(

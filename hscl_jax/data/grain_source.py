@@ -17,7 +17,9 @@ import dataclasses
 import functools
 import io
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Protocol, TypedDict, cast
 
 import numpy as np
 
@@ -27,6 +29,22 @@ from hscl_jax.data.samplers import BatchIndexer
 # Batches each worker process prepares ahead of the consumer.
 _WORKER_BUFFER_BATCHES = 2
 _NEVER_SHARED_MEMORY = 2**62
+
+
+class Record(TypedDict):
+    """One example of a split: its image, uint8 (H, W, C) (or the encoded bytes, in a split
+    opened without decoding), and its class label."""
+
+    image: np.ndarray | bytes
+    label: int | np.integer
+
+
+class Records(Protocol):
+    """A split read by random access: its length, and the record at each index."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Record: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +63,9 @@ class ResizeDecode:
         import PIL.Image
 
         mode = "RGB" if self.channels == 3 else "L"
-        with PIL.Image.open(io.BytesIO(encoded)) as image:
-            image.draft(mode, (self.size, self.size))
-            image = image.convert(mode)
+        with PIL.Image.open(io.BytesIO(encoded)) as opened:
+            opened.draft(mode, (self.size, self.size))
+            image = opened.convert(mode)
         width, height = image.size
         scale = self.size / min(width, height)
         resized = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
@@ -59,7 +77,7 @@ class ResizeDecode:
 
 
 def read_examples(
-    records: Sequence[dict], indices: np.ndarray, decode: ResizeDecode | None = None
+    records: Records, indices: np.ndarray, decode: ResizeDecode | None = None
 ) -> dict[str, np.ndarray]:
     """{"image": uint8 (n, H, W, C), "label": int32 (n,)} of the records at `indices`.
 
@@ -67,7 +85,8 @@ def read_examples(
     """
     examples = [records[int(index)] for index in indices]
     images = [
-        decode(example["image"]) if decode else np.asarray(example["image"], np.uint8)
+        # A split is opened undecoded (its images are bytes) exactly when it has a `decode`.
+        decode(cast(bytes, example["image"])) if decode else np.asarray(example["image"], np.uint8)
         for example in examples
     ]
     return {
@@ -80,7 +99,7 @@ def read_examples(
 class TrainBatchReader:
     """step -> this process's slice [host_start, host_stop) of global batch `step`, decoded."""
 
-    records: Sequence[dict]
+    records: Records
     indexer: BatchIndexer
     host_start: int
     host_stop: int
@@ -99,7 +118,7 @@ class EvalBatchReader:
     label 0 and mask False.
     """
 
-    records: Sequence[dict]
+    records: Records
     batch_size: int
     host_start: int
     host_stop: int
@@ -127,7 +146,7 @@ class EvalBatchReader:
         return {"image": images, "label": labels, "mask": mask}
 
 
-def import_grain():
+def import_grain() -> ModuleType:
     """Imports grain, or says in one line how to install it."""
     try:
         import grain

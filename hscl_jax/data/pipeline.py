@@ -23,17 +23,25 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent import futures
+from typing import Any, TypeVar
 
 import jax
+import ml_collections
 import numpy as np
 
 from hscl_jax.data import augment_params, grain_source, samplers
+from hscl_jax.data.augment import TrainBatch
 from hscl_jax.data.config import check_config
 from hscl_jax.data.errors import DataError
 from hscl_jax.data.info import DatasetInfo
 from hscl_jax.data.parallel import ordered_map
+
+Item = TypeVar("Item")
+Batch = TypeVar("Batch")
+# A batch loader of grain_source.batch_loaders: its number, and what reads it.
+_Loader = tuple[int, Callable[[], dict[str, np.ndarray]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +87,7 @@ def _layout(
     )
 
 
-def _check_seed(seed, start_step: int) -> int:
+def _check_seed(seed: object, start_step: int) -> int:
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}.")
     if not isinstance(start_step, int | np.integer) or start_step < 0:
@@ -87,7 +95,9 @@ def _check_seed(seed, start_step: int) -> int:
     return int(seed)
 
 
-def _open_split(info: DatasetInfo, data_config, split: str):
+def _open_split(
+    info: DatasetInfo, data_config: ml_collections.ConfigDict, split: str
+) -> tuple[grain_source.Records, grain_source.ResizeDecode | None]:
     """(records, decode) of a split: images of varying size come encoded, for `decode`."""
     grain_source.check_decode_workers(data_config.decode_workers)
     if data_config.decode_workers:
@@ -105,9 +115,14 @@ def _open_split(info: DatasetInfo, data_config, split: str):
     return records, decode if info.variable_size else None
 
 
-def _train_labels(info: DatasetInfo, data_config, records: Sequence) -> np.ndarray:
+def _train_labels(
+    info: DatasetInfo, data_config: ml_collections.ConfigDict, records: grain_source.Records
+) -> np.ndarray:
     """Every training label, images not decoded (for the class-balanced sampler)."""
     if info.name == "synthetic":
+        from hscl_jax.data.synthetic import SyntheticRecords
+
+        assert isinstance(records, SyntheticRecords)  # what _open_split opens for "synthetic"
         return records.labels
     from hscl_jax.data import tfds_source
 
@@ -123,8 +138,8 @@ def _per_device_tree(arrays: dict[str, np.ndarray], layout: _Layout) -> dict[str
 
 
 def _ordered_parallel_map(
-    function: Callable, items: Iterator, data_config
-) -> Iterator[dict[str, np.ndarray]]:
+    function: Callable[[Item], Batch], items: Iterator[Item], data_config: ml_collections.ConfigDict
+) -> Generator[Batch, None, None]:
     """function(item) for each item, computed by worker threads ahead of time, yielded in order.
 
     Closes `items` (and so any Grain workers behind it) when the stream is closed.
@@ -145,7 +160,7 @@ def _ordered_parallel_map(
                 close()
 
 
-def steps_per_epoch(data_config, global_batch_size: int) -> int:
+def steps_per_epoch(data_config: ml_collections.ConfigDict, global_batch_size: int) -> int:
     """Full global batches per training epoch (the last partial batch is dropped)."""
     info = check_config(data_config)
     records, _ = _open_split(info, data_config, info.train_split)
@@ -153,7 +168,7 @@ def steps_per_epoch(data_config, global_batch_size: int) -> int:
 
 
 def train_iterator(
-    data_config,
+    data_config: ml_collections.ConfigDict,
     *,
     global_batch_size: int,
     seed: int,
@@ -161,7 +176,7 @@ def train_iterator(
     num_local_devices: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Generator[TrainBatch, None, None]:
     """Endless stream of training batches for this process, from step `start_step` on.
 
     Yields {"image": uint8 (D, b, H, W, C), "view1_params": {name: (D, b, ...)}, "view2_params":
@@ -200,12 +215,19 @@ def train_iterator(
     return _train_batches(reader, layout, aug, data_config, seed, start_step)
 
 
-def _train_batches(reader, layout: _Layout, aug, data_config, seed: int, start_step: int):
+def _train_batches(
+    reader: grain_source.TrainBatchReader,
+    layout: _Layout,
+    aug: augment_params.Augmentation,
+    data_config: ml_collections.ConfigDict,
+    seed: int,
+    start_step: int,
+) -> Generator[TrainBatch, None, None]:
     def view_params(step: int, view: int) -> dict[str, np.ndarray]:
         params = augment_params.view_params(seed, step, view, layout.global_batch, aug)
         return augment_params.slice_params(params, layout.host_start, layout.host_stop)
 
-    def ship_batch(step_and_loader) -> dict:
+    def ship_batch(step_and_loader: _Loader) -> TrainBatch:
         step, load = step_and_loader
         host = load()
         return {
@@ -223,14 +245,14 @@ def _train_batches(reader, layout: _Layout, aug, data_config, seed: int, start_s
 
 
 def eval_iterator(
-    data_config,
+    data_config: ml_collections.ConfigDict,
     *,
     split: str,
     batch_size: int,
     num_local_devices: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Generator[dict[str, np.ndarray], None, None]:
     """Every example of `split` exactly once, unaugmented, in order.
 
     `batch_size` is global (over all processes); each process reads only its slice. Yields
@@ -247,7 +269,7 @@ def eval_iterator(
     )
     num_batches = math.ceil(len(records) / batch_size)
 
-    def make_batch(batch_and_loader) -> dict[str, np.ndarray]:
+    def make_batch(batch_and_loader: _Loader) -> dict[str, np.ndarray]:
         _, load = batch_and_loader
         return _per_device_tree(load(), layout)
 
@@ -257,16 +279,19 @@ def eval_iterator(
     return _ordered_parallel_map(make_batch, loaders, data_config)
 
 
-def prefetch_to_device(iterator, size: int = 2, devices=None):
+def prefetch_to_device(
+    iterator: Iterable[Any], size: int = 2, devices: Sequence[jax.Device] | None = None
+) -> Generator[Any, None, None]:
     """Moves each (D, ...) batch onto D local devices (pmap's layout), `size` batches ahead.
 
     `devices` defaults to the first D of `jax.local_devices()`, the devices pmap uses.
     """
     if size < 1:
         raise DataError(f"prefetch size must be >= 1, got {size}.")
-    iterator = iter(iterator)
+    batches = iter(iterator)
 
-    def to_devices(batch):
+    # A batch is any pytree of (D, ...) arrays.
+    def to_devices(batch: Any) -> Any:
         num_devices = jax.tree_util.tree_leaves(batch)[0].shape[0]
         targets = list(devices) if devices is not None else jax.local_devices()[:num_devices]
         if len(targets) != num_devices:
@@ -277,10 +302,10 @@ def prefetch_to_device(iterator, size: int = 2, devices=None):
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
         return jax.tree_util.tree_map(lambda array: jax.device_put(array, sharding), batch)
 
-    queue = collections.deque()
-    for batch in itertools.islice(iterator, size):
+    queue: collections.deque[Any] = collections.deque()
+    for batch in itertools.islice(batches, size):
         queue.append(to_devices(batch))
     while queue:
         yield queue.popleft()
-        for batch in itertools.islice(iterator, 1):
+        for batch in itertools.islice(batches, 1):
             queue.append(to_devices(batch))

@@ -38,6 +38,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import numpy as np
 
@@ -46,6 +47,12 @@ from hscl_jax.data.errors import DataError
 from hscl_jax.data.info import DATASET_NAMES
 from hscl_jax.data.parallel import ordered_map
 from hscl_jax.data.tfds_source import PREPARED_METADATA_KEY
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 VERSION = "1.0.0"
 MAX_VARIABLE_IMAGE_SIZE = 256
@@ -73,15 +80,15 @@ class Layout:
     file_modes: np.ndarray | None = None
 
 
-def _progress(total: int, description: str):
+def _progress(total: int, description: str) -> tqdm:
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, nothing in a log or a pipe.
     return tqdm(total=total, desc=description, unit="image", file=sys.stderr, disable=None)
 
 
-def _chunks(items: Iterable, size: int = _CHUNK) -> Iterator[list]:
-    chunk = []
+def _chunks(items: Iterable[Item], size: int = _CHUNK) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
     for item in items:
         chunk.append(item)
         if len(chunk) == size:
@@ -98,7 +105,7 @@ class _Pool:
     executor: concurrent.futures.Executor | None
     workers: int
 
-    def map(self, function: Callable, chunks: Iterable) -> Iterator:
+    def map(self, function: Callable[[Item], Result], chunks: Iterable[Item]) -> Iterator[Result]:
         """function(chunk) for each chunk, in order, a bounded number of chunks ahead."""
         if self.executor is None:
             return map(function, chunks)
@@ -154,7 +161,9 @@ def _test_mask(source: prepare_sources.Source, test_fraction: float, seed: int) 
     return is_test
 
 
-def _mean_and_std(moments_sum: np.ndarray, count: int) -> tuple[tuple, tuple]:
+def _mean_and_std(
+    moments_sum: np.ndarray, count: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Statistics from summed per-image (mean, mean square) moments: every image weighs the same,
     as it does once the trainer has resized it."""
     mean, mean_square = moments_sum / count
@@ -162,7 +171,13 @@ def _mean_and_std(moments_sum: np.ndarray, count: int) -> tuple[tuple, tuple]:
     return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
 
 
-def _sizes(source, heights, widths, image_size: int, crop_size: int) -> tuple[int, bool, int]:
+def _sizes(
+    source: prepare_sources.Source,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    image_size: int,
+    crop_size: int,
+) -> tuple[int, bool, int]:
     """(image_size, variable_size, crop_size) of images with these sides."""
     square = len(set(heights)) == 1 and set(heights) == set(widths)
     if square:
@@ -183,8 +198,11 @@ def _sizes(source, heights, widths, image_size: int, crop_size: int) -> tuple[in
     return image_size, not square, crop_size
 
 
-def _inspect_folder(source, is_test, options, pool: _Pool) -> Layout:
+def _inspect_folder(
+    source: prepare_sources.Source, is_test: np.ndarray, options: Options, pool: _Pool
+) -> Layout:
     """Decodes every image (one line naming the first that fails) and derives the layout."""
+    assert not isinstance(source.examples, range)  # a folder's examples are its paths
     count = len(source.examples)
     heights = np.empty(count, np.int32)
     widths = np.empty(count, np.int32)
@@ -215,7 +233,12 @@ def _inspect_folder(source, is_test, options, pool: _Pool) -> Layout:
     return Layout(image_size, variable, channels, crop, mean, std, modes)
 
 
-def _inspect_npz(source, images, is_test, options) -> Layout:
+def _inspect_npz(
+    source: prepare_sources.Source,
+    images: prepare_sources.NpzImages,
+    is_test: np.ndarray,
+    options: Options,
+) -> Layout:
     """The train rows' statistics, read in order; sizes and channels from the array's shape."""
     height, width = images.shape[1:3]
     channels = images.shape[3] if len(images.shape) == 4 else 1
@@ -235,23 +258,33 @@ def _inspect_npz(source, images, is_test, options) -> Layout:
     return Layout(image_size, variable, channels, crop, mean, std)
 
 
-def _encoded_examples(source, images, layout: Layout, split_rows: np.ndarray, pool: _Pool):
+def _encoded_examples(
+    source: prepare_sources.Source,
+    images: prepare_sources.NpzImages | None,
+    layout: Layout,
+    split_rows: np.ndarray,
+    pool: _Pool,
+) -> Iterator[bytes]:
     """The encoded images of the examples at `split_rows` (sorted), in order."""
+    encoded_chunks: Iterator[list[bytes]]
     if source.kind == "folder":
+        examples, file_modes = source.examples, layout.file_modes
+        # A folder's examples are its paths, and _inspect_folder found their modes.
+        assert not isinstance(examples, range) and file_modes is not None
         modes = prepare_sources.FILE_MODES
-        paths = ((source.examples[i], modes[layout.file_modes[i]]) for i in split_rows)
+        paths = ((examples[i], modes[file_modes[i]]) for i in split_rows)
         encode = functools.partial(prepare_sources.encode_images_chunk, channels=layout.channels)
-        chunks = _chunks(paths)
+        encoded_chunks = pool.map(encode, _chunks(paths))
     else:
+        assert images is not None  # a .npz source comes with its images
         wanted = np.zeros(len(source.examples), bool)
         wanted[split_rows] = True
-        encode = prepare_sources.encode_rows_chunk
-        chunks = _npz_chunks(images, wanted)
-    for encoded in pool.map(encode, chunks):
+        encoded_chunks = pool.map(prepare_sources.encode_rows_chunk, _npz_chunks(images, wanted))
+    for encoded in encoded_chunks:
         yield from encoded
 
 
-def _npz_chunks(images, wanted: np.ndarray) -> Iterator[np.ndarray]:
+def _npz_chunks(images: prepare_sources.NpzImages, wanted: np.ndarray) -> Iterator[np.ndarray]:
     position = 0
     for rows in images.rows(_CHUNK):
         keep = wanted[position : position + len(rows)]
@@ -260,8 +293,10 @@ def _npz_chunks(images, wanted: np.ndarray) -> Iterator[np.ndarray]:
             yield np.ascontiguousarray(rows[keep])
 
 
-def _metadata(source, layout: Layout, is_test_described: str) -> dict:
-    metadata = {
+def _metadata(
+    source: prepare_sources.Source, layout: Layout, is_test_described: str
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
         "image_size": layout.image_size,
         "crop_size": layout.crop_size,
         "mean": list(layout.mean),
@@ -277,7 +312,16 @@ def _metadata(source, layout: Layout, is_test_described: str) -> dict:
     return metadata
 
 
-def _write(source, images, layout, is_test, version_dir: str, name: str, metadata, pool: _Pool):
+def _write(
+    source: prepare_sources.Source,
+    images: prepare_sources.NpzImages | None,
+    layout: Layout,
+    is_test: np.ndarray,
+    version_dir: str,
+    name: str,
+    metadata: dict[str, Any],
+    pool: _Pool,
+) -> None:
     """Writes the dataset as ArrayRecord files into `version_dir`, one example at a time."""
     import tensorflow_datasets as tfds
 
@@ -317,10 +361,13 @@ def _write(source, images, layout, is_test, version_dir: str, name: str, metadat
     writer.close_all()
 
 
-def _batches_to_write(encoded: Iterator[bytes], labels: np.ndarray) -> Iterator[list[dict]]:
+def _batches_to_write(
+    encoded: Iterator[bytes], labels: np.ndarray
+) -> Iterator[list[dict[str, bytes | int]]]:
     """The examples in batches of up to _WRITE_BATCH_BYTES of images: the writer rewrites the
     dataset's metadata files on every call, so each call takes many examples."""
-    batch, size = [], 0
+    batch: list[dict[str, bytes | int]] = []
+    size = 0
     for image, label in zip(encoded, labels, strict=True):
         batch.append({"image": image, "label": int(label)})
         size += len(image)
@@ -332,7 +379,7 @@ def _batches_to_write(encoded: Iterator[bytes], labels: np.ndarray) -> Iterator[
 
 
 @contextlib.contextmanager
-def _staging(data_dir: str, name: str, target: str, overwrite: bool):
+def _staging(data_dir: str, name: str, target: str, overwrite: bool) -> Iterator[str]:
     """A temporary folder in data_dir to write into; on success its `name` folder replaces
     `target` (renamed into place), on failure it is removed, and so is a data_dir made for it."""
     created = not os.path.exists(data_dir)
@@ -367,9 +414,20 @@ class Options:
     overwrite: bool = False
 
 
+class Prepared(TypedDict):
+    """What `prepare` wrote."""
+
+    path: str
+    num_train: int
+    num_test: int
+    num_classes: int
+    layout: Layout
+    notes: list[str]
+
+
 def prepare(
     *, image_folder: str | None, npz: str | None, name: str, data_dir: str, options: Options
-) -> dict:
+) -> Prepared:
     """Writes the dataset data_dir/name from an image folder or a .npz file (exactly one) and
     returns what it wrote: {"path", "num_train", "num_test", "num_classes", "layout", "notes"}.
     DataError (one line) for bad input, before anything is written."""
@@ -379,9 +437,11 @@ def prepare(
         raise DataError("--workers, --image_size and --crop_size must be >= 0.")
     options = dataclasses.replace(options, workers=options.workers or os.cpu_count() or 1)
     target = check_name(name, data_dir, options.overwrite)
+    images: prepare_sources.NpzImages | None
     if image_folder is not None:
         source, images = prepare_sources.scan_image_folder(image_folder), None
     else:
+        assert npz is not None  # exactly one of the two, checked above
         source, images = prepare_sources.scan_npz(npz)
     is_test = _test_mask(source, options.test_fraction, options.seed)
     described = (
@@ -393,6 +453,7 @@ def prepare(
         if source.kind == "folder":
             layout = _inspect_folder(source, is_test, options, pool)
         else:
+            assert images is not None
             layout = _inspect_npz(source, images, is_test, options)
         metadata = _metadata(source, layout, described)
         with _staging(data_dir, name, target, options.overwrite) as staging:
@@ -411,7 +472,7 @@ def prepare(
     }
 
 
-def _summary(name: str, data_dir: str, result: dict) -> str:
+def _summary(name: str, data_dir: str, result: Prepared) -> str:
     layout = result["layout"]
     size = f"{layout.image_size}x{layout.image_size}"
     if layout.variable_size:

@@ -15,10 +15,14 @@ import io
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from hscl_jax.data.errors import DataError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -29,6 +33,10 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 # The modes a file is stored in as it is ("": converted first).
 FILE_MODES = ("", "L", "RGB")
 
+# What `inspect_images_chunk` finds about one file.
+ImageFacts = tuple[Literal["ok"], int, int, str, np.ndarray]
+ImageFailure = tuple[Literal["error"], str, str]
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -38,7 +46,7 @@ class Source:
 
     kind: str  # "folder" or "npz"
     path: str
-    examples: Sequence
+    examples: Sequence[str] | range  # the paths of a folder, the row numbers of a .npz file
     labels: np.ndarray
     class_names: tuple[str, ...]
     split_is_test: np.ndarray | None = None
@@ -51,7 +59,7 @@ def _sorted_dirs(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-class PathList(Sequence):
+class PathList(Sequence[str]):
     """Paths of files below `root`, kept as one byte string of the paths relative to it and an
     offset per path: a few dozen bytes per file, where a list of str takes several times that
     (a folder may hold millions of images)."""
@@ -69,12 +77,13 @@ class PathList(Sequence):
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
-    def __getitem__(self, index: int) -> str:
+    # Read by index only: slices are not supported.
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
         relative = bytes(self._blob[self._offsets[index] : self._offsets[index + 1]])
         return os.path.join(self.root, os.fsdecode(relative))
 
 
-def _class_files(class_dir: str) -> Iterator[str]:
+def _class_files(class_dir: str) -> Iterator[str | None]:
     """Image files below `class_dir` (any depth, sorted), then None for each other file."""
     for folder, dirs, files in os.walk(class_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -106,7 +115,7 @@ def scan_image_folder(root: str) -> Source:
     else:
         split_dirs = {"train": root}
     class_names = sorted({c for path in split_dirs.values() for c in _sorted_dirs(path)})
-    examples, labels, is_test, skipped = PathList(root), array.array("q"), array.array("b"), 0
+    examples, label_buffer, is_test, skipped = PathList(root), array.array("q"), array.array("b"), 0
     for split, split_dir in split_dirs.items():
         for label, class_name in enumerate(class_names):
             class_dir = os.path.join(split_dir, class_name)
@@ -115,14 +124,14 @@ def scan_image_folder(root: str) -> Source:
                     skipped += 1
                     continue
                 examples.append(path)
-                labels.append(label)
+                label_buffer.append(label)
                 is_test.append(split == "test")
     if not len(examples):
         raise DataError(
             f"{root} holds no PNG or JPEG images in class folders (ROOT/<class>/<image> or "
             f"ROOT/<split>/<class>/<image>)."
         )
-    labels = np.frombuffer(labels, np.int64)
+    labels = np.frombuffer(label_buffer, np.int64)
     present = [class_names[label] for label in np.unique(labels)]
     if len(present) < 2:
         raise DataError(
@@ -143,7 +152,7 @@ def scan_image_folder(root: str) -> Source:
 # ----------------------------------------------------------------------------- images
 
 
-def _open_image(path: str):
+def _open_image(path: str) -> PIL.Image.Image:
     import PIL.Image
 
     image = PIL.Image.open(path)
@@ -153,7 +162,7 @@ def _open_image(path: str):
     return image
 
 
-def _converted(image, channels: int):
+def _converted(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
     """`image` as 8-bit grayscale (channels 1) or RGB (3): 16-bit gray keeps its top 8 bits,
     an alpha channel is dropped."""
     import PIL.Image
@@ -172,11 +181,11 @@ def _pixel_moments(pixels: np.ndarray) -> np.ndarray:
     return np.stack([sums / 255.0, squares / 255.0**2]) / len(flat)
 
 
-def inspect_images_chunk(paths: list[str]) -> list[tuple]:
+def inspect_images_chunk(paths: list[str]) -> list[ImageFacts | ImageFailure]:
     """Per path: ("ok", height, width, mode, moments (2, C)) with C = 1 for a grayscale image, 3
     otherwise, and mode "L" or "RGB" when the file can be stored as it is in that mode, else "";
     or ("error", path, reason) for a file that does not decode."""
-    results = []
+    results: list[ImageFacts | ImageFailure] = []
     for path in paths:
         try:
             image = _open_image(path)
@@ -246,7 +255,9 @@ class NpzImages:
                 yield np.frombuffer(data, np.uint8).reshape(count, height, width, channels)
 
 
-def _npz_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple, bool, np.dtype, int]:
+def _npz_header(
+    archive: zipfile.ZipFile, member: str
+) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     with archive.open(member) as f:
         version = np.lib.format.read_magic(f)
         read_header = (

@@ -6,8 +6,10 @@ stream can restart at any step.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +128,7 @@ def class_balanced_epoch(
             picked, member_queues[label] = _take_distinct(
                 member_queues[label],
                 samples_per_class,
-                lambda label=label: rng.permutation(members[label]),
+                functools.partial(rng.permutation, members[label]),
             )
             rows.append(picked)
         batches[step] = rng.permutation(np.concatenate(rows))
@@ -161,7 +163,7 @@ class BatchIndexer:
         self.sampler = sampler
         self.batch_size = batch_size
         self.seed = seed
-        self.labels = None
+        self.labels: np.ndarray | None = None
         if sampler == "class_balanced":
             if labels is None or len(labels) != num_examples:
                 raise DataError(
@@ -174,18 +176,19 @@ class BatchIndexer:
         self._plans: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"], state["_plans"]
         return state
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _plans={}, _lock=threading.Lock())
 
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """(steps_per_epoch, batch_size) indices of epoch `epoch`."""
         if self.sampler == "shuffle":
             return shuffle_epoch(self.num_examples, self.batch_size, self.seed, epoch)
+        assert self.labels is not None  # set by __init__ for the class-balanced sampler
         return class_balanced_epoch(
             self.labels,
             self.classes_per_batch,

@@ -12,15 +12,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from hscl_jax.data.errors import DataError
+from hscl_jax.data.grain_source import Record
 from hscl_jax.data.info import DatasetInfo
 
 _POOL_SEED = 20_240_901
 
 
-class SyntheticRecords(Sequence):
+class SyntheticRecords(Sequence[Record]):
     """One split as a random-access sequence of {"image": uint8 (H, W, C), "label": int32}."""
 
-    def __init__(self, info: DatasetInfo, split: str):
+    def __init__(self, info: DatasetInfo, split: str) -> None:
         if split not in (info.train_split, info.test_split):
             raise DataError(
                 f"Unknown split {split!r} for {info.name}; expected {info.train_split!r} or "
@@ -36,5 +37,6 @@ class SyntheticRecords(Sequence):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict:
+    # Read by index only (Records): slices are not supported.
+    def __getitem__(self, index: int) -> Record:  # type: ignore[override]
         return {"image": self.images[index], "label": self.labels[index]}

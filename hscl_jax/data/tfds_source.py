@@ -17,12 +17,17 @@ import glob
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hscl_jax.data.errors import DataError, DatasetFormatError, DatasetNotPreparedError
+from hscl_jax.data.grain_source import Record, Records
 from hscl_jax.data.info import DATASET_NAMES, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
 
 _LABEL_SCAN_LOG_EVERY = 100_000
 # The key of the TFDS metadata (metadata.json) under which `python -m hscl_jax.data.prepare`
@@ -71,7 +76,7 @@ def _unknown_name_message(name: str, data_dir: str | None) -> str:
     )
 
 
-def _format_message(name: str, data_dir: str | None, builder) -> str:
+def _format_message(name: str, data_dir: str | None, builder: tfds.core.DatasetBuilder) -> str:
     formats = ", ".join(sorted(f.value for f in builder.info.available_file_formats()))
     target = data_dir or "~/tensorflow_datasets"
     return (
@@ -83,7 +88,7 @@ def _format_message(name: str, data_dir: str | None, builder) -> str:
 
 
 @contextlib.contextmanager
-def no_stray_tfds_folders():
+def no_stray_tfds_folders() -> Iterator[None]:
     """Removes the empty `tmp*tfds` folders that TFDS makes in the system's temporary directory
     while this context runs: a builder whose dataset is not prepared yet makes one for metadata it
     would fetch from GCS (which is off) and never removes it."""
@@ -97,7 +102,7 @@ def no_stray_tfds_folders():
                 os.rmdir(folder)  # only an empty one
 
 
-def _tfds_builder(name: str, data_dir: str | None):
+def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     """The TFDS builder of `name` (a catalogue class, or one read from the files in data_dir)."""
     import tensorflow_datasets as tfds
 
@@ -108,7 +113,7 @@ def _tfds_builder(name: str, data_dir: str | None):
         raise DatasetNotPreparedError(_unknown_name_message(name, data_dir)) from None
 
 
-def _builder(info: DatasetInfo, data_dir: str | None):
+def _builder(info: DatasetInfo, data_dir: str | None) -> tfds.core.DatasetBuilder:
     if info.name == "digits":
         from hscl_jax.data.digits_builder import prepare_digits
 
@@ -116,14 +121,16 @@ def _builder(info: DatasetInfo, data_dir: str | None):
     return _tfds_builder(_tfds_name(info), data_dir)
 
 
-def _feature_key(features, feature_type, preferred: str) -> str | None:
+def _feature_key(
+    features: tfds.features.FeaturesDict, feature_type: type, preferred: str
+) -> str | None:
     """`preferred` if it is a feature of `feature_type`, else the first such feature by name, else
     None."""
     keys = sorted(key for key, feature in features.items() if isinstance(feature, feature_type))
     return preferred if preferred in keys else (keys[0] if keys else None)
 
 
-def _info_from_builder(name: str, builder) -> DatasetInfo:
+def _info_from_builder(name: str, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
     """Metadata of a prepared TFDS dataset: the image and label features found by type, sizes
     from the image feature, and what `hscl_jax.data.prepare` stored (statistics, sizes)."""
     import tensorflow_datasets as tfds
@@ -197,7 +204,7 @@ def _check_split(info: DatasetInfo, split: str) -> None:
         )
 
 
-def _reader_identity():
+def _reader_identity() -> object:
     import tensorflow_datasets as tfds
 
     # tfds.testing.mock_data patches DatasetBuilder.as_data_source with a fresh function per
@@ -206,24 +213,25 @@ def _reader_identity():
 
 
 @dataclasses.dataclass(frozen=True)
-class _Renamed(Sequence):
+class _Renamed(Sequence[Record]):
     """A split whose image and label features have other names, read as {"image", "label"}."""
 
-    records: Sequence[dict]
+    records: Sequence[dict[str, Any]]
     image_key: str
     label_key: str
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    # Read by index only (Records): slices are not supported.
+    def __getitem__(self, index: int) -> Record:  # type: ignore[override]
         record = self.records[index]
         return {"image": record[self.image_key], "label": record[self.label_key]}
 
 
 def open_split(
     info: DatasetInfo, data_dir: str | None, split: str, *, decode_images: bool = True
-) -> Sequence[dict]:
+) -> Records:
     """Split `split` as a random-access sequence of {"image": uint8 (H, W, C), "label": int}.
 
     The sequence pickles cheaply (Grain sends it to its worker processes) and reads one record
@@ -243,7 +251,7 @@ def _cached_open(
     split: str,
     decode_images: bool,
     reader_identity: object,
-) -> Sequence[dict]:
+) -> Records:
     del reader_identity  # Only part of the cache key.
     _check_split(info, split)
     import tensorflow_datasets as tfds
