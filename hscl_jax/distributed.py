@@ -20,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+if TYPE_CHECKING:
+    import ml_collections
 
 AXIS_NAME = "batch"  # the one named axis of every mapped function (pmap and mesh alike)
 PARALLELISMS = ("mesh", "pmap")
@@ -49,7 +52,7 @@ def _int_from(environ: Mapping[str, str], name: str, lowest: int) -> int | None:
     return value
 
 
-def initialize_arguments(environ: Mapping[str, str]) -> dict[str, object]:
+def initialize_arguments(environ: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments for ``jax.distributed.initialize`` read from ``environ``.
 
     Empty when none of the variables is set (JAX then detects the cluster). The coordinator
@@ -69,8 +72,9 @@ def initialize_arguments(environ: Mapping[str, str]) -> dict[str, object]:
             f"{', '.join(missing)} not set: set {COORDINATOR_ADDRESS_ENV}, {NUM_PROCESSES_ENV} "
             f"and {PROCESS_ID_ENV} together, or none of them (cluster auto-detection)"
         )
-    arguments: dict[str, object] = {}
+    arguments: dict[str, Any] = {}
     if not missing:
+        assert num_processes is not None and process_id is not None
         if process_id >= num_processes:
             raise ValueError(
                 f"{PROCESS_ID_ENV}={process_id} must be below {NUM_PROCESSES_ENV}={num_processes}"
@@ -84,13 +88,13 @@ def initialize_arguments(environ: Mapping[str, str]) -> dict[str, object]:
     return arguments
 
 
-def wanted(config, environ: Mapping[str, str] | None = None) -> bool:
+def wanted(config: ml_collections.ConfigDict, environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process is one of a multi-process run (config.distributed or the env)."""
     environ = os.environ if environ is None else environ
     return bool(config.get("distributed")) or environ.get(DISTRIBUTED_ENV) == "1"
 
 
-def maybe_initialize(config) -> None:
+def maybe_initialize(config: ml_collections.ConfigDict) -> None:
     """``jax.distributed.initialize`` (once) when :func:`wanted`, with the environment's arguments.
 
     Must run before anything touches a JAX device.
@@ -99,7 +103,7 @@ def maybe_initialize(config) -> None:
         jax.distributed.initialize(**initialize_arguments(os.environ))
 
 
-def mapped_devices(num_local_devices: int) -> list:
+def mapped_devices(num_local_devices: int) -> list[jax.Device]:
     """The devices a step mapped over every process spans (:class:`Parallelism`'s devices): the
     first ``num_local_devices`` local devices of every process, in ``jax.devices()`` order,
     so that each process's devices hold the slice of every global batch it reads.
@@ -148,7 +152,7 @@ def exit_without_waiting(status: int) -> None:
 # ----------------------------------------------------------------------------- mapping over devices
 
 
-def replicate(tree: Any, devices: Sequence) -> Any:
+def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
     """Copies of ``tree`` on ``devices``, stacked on a leading axis: pmap's replicated layout.
 
     The arrays are sharded over a mesh whose axis is AXIS_NAME, the sharding pmap gives its own
@@ -170,7 +174,7 @@ def first_replica_to_host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
-def _first_shards_to_host(trees: list, combine: Callable) -> Any:
+def _first_shards_to_host(trees: list[Any], combine: Callable[[list[jax.Array]], jax.Array]) -> Any:
     """The first addressable shard of every leaf of ``trees``, combined leaf by leaf on that
     shard's device, so the whole list crosses to the host in one transfer."""
     combined = jax.tree.map(
@@ -179,7 +183,7 @@ def _first_shards_to_host(trees: list, combine: Callable) -> Any:
     return jax.device_get(combined)
 
 
-def stack_first_replicas_to_host(trees: list) -> Any:
+def stack_first_replicas_to_host(trees: list[Any]) -> Any:
     """Host (numpy) copy of the first local replica of each of several trees in pmap's
     replicated layout (all of one structure), stacked on a new leading axis."""
     import jax.numpy as jnp
@@ -205,10 +209,10 @@ class Parallelism:
     """
 
     kind: str
-    devices: tuple
+    devices: tuple[jax.Device, ...]
     mesh: Mesh = dataclasses.field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind not in PARALLELISMS:
             raise ValueError(
                 f"parallelism={self.kind!r} is unknown; allowed: {', '.join(PARALLELISMS)}"
@@ -217,17 +221,17 @@ class Parallelism:
         object.__setattr__(self, "mesh", Mesh(np.array(self.devices), (AXIS_NAME,)))
 
     @property
-    def local_devices(self) -> list:
+    def local_devices(self) -> list[jax.Device]:
         """This process's share of :attr:`devices` (its batches' rows go to these)."""
         return [d for d in self.devices if d.process_index == jax.process_index()]
 
     def map(
         self,
-        fn: Callable,
-        in_specs: tuple,
+        fn: Callable[..., Any],
+        in_specs: tuple[Any, ...],
         out_specs: Any,
         donate_argnums: tuple[int, ...] = (),
-    ) -> Callable:
+    ) -> Callable[..., Any]:
         """``fn`` mapped over :attr:`devices`. ``in_specs``/``out_specs`` say which values are
         replicated (``PartitionSpec()``) and which are batches (``PartitionSpec(AXIS_NAME)``):
         the mesh's ``shard_map`` specs (pmap puts every value on a leading device axis)."""
@@ -254,7 +258,7 @@ class Parallelism:
         )
         return self.paced(mapped)
 
-    def paced(self, mapped: Callable) -> Callable:
+    def paced(self, mapped: Callable[..., Any]) -> Callable[..., Any]:
         """``mapped`` (a function of :meth:`map`, or its compiled executable) as it is to be
         called: on several CPU devices each call waits for its results; else ``mapped`` itself."""
         if self.devices[0].platform != "cpu" or len(self.devices) == 1:
@@ -266,7 +270,7 @@ class Parallelism:
         # with this train step on 8 devices under both parallelisms, pmap included, within 300
         # calls). Waiting for each call's results keeps one call in flight; on CPU the
         # "devices" are the host's own cores, so little overlap of host and device work is lost.
-        def call(*args):
+        def call(*args: Any) -> Any:
             return jax.block_until_ready(mapped(*args))
 
         if hasattr(mapped, "lower"):
@@ -279,7 +283,7 @@ class Parallelism:
             return replicate(tree, self.devices)
         sharding = NamedSharding(self.mesh, PartitionSpec())
 
-        def put(x):
+        def put(x: Any) -> jax.Array:
             host = np.asarray(x)
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -291,7 +295,7 @@ class Parallelism:
             return first_replica_to_host(tree)
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
-    def stack_to_host(self, trees: list) -> Any:
+    def stack_to_host(self, trees: list[Any]) -> Any:
         """Host (numpy) copies of the first local replica of several replicated trees of one
         structure, stacked on a new leading axis, in one transfer (the trainer's step metrics
         of a logging interval)."""
@@ -310,7 +314,7 @@ class Parallelism:
         sharding = NamedSharding(self.mesh, PartitionSpec(AXIS_NAME))
         num_processes = len(self.devices) // len(self.local_devices)
 
-        def put(x):
+        def put(x: Any) -> jax.Array:
             rows = np.asarray(x).reshape(-1, *np.shape(x)[2:])
             global_shape = (num_processes * rows.shape[0], *rows.shape[1:])
             return jax.make_array_from_process_local_data(sharding, rows, global_shape)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -17,6 +17,9 @@ from absl import logging
 from hscl_jax import config as config_lib
 from hscl_jax import data, losses, metrics, models, theory
 from hscl_jax import step as step_lib
+
+if TYPE_CHECKING:
+    import ml_collections
 
 # Metrics every step returns besides "finite": the loss, the gradient norm and the loss's aux
 # figures; the logged record of an interval holds their means over its finite steps.
@@ -58,7 +61,7 @@ class StepMetrics:
         self._steps_per_epoch = steps_per_epoch
         self._skip_nonfinite_steps = skip_nonfinite_steps
         self._last_checkpoint = last_checkpoint
-        self._keys = STEP_METRIC_KEYS
+        self._keys: tuple[str, ...] = STEP_METRIC_KEYS
         if built.theory_options is not None:
             self._keys += theory.THEORY_KEYS
         self._pending: list[dict[str, jax.Array]] = []
@@ -103,7 +106,9 @@ class StepMetrics:
         self._log(step, summary, steps_per_sec)
         self.restart_clock(step)
 
-    def _check_finite(self, steps: np.ndarray, finite: np.ndarray, fetched) -> None:
+    def _check_finite(
+        self, steps: np.ndarray, finite: np.ndarray, fetched: dict[str, np.ndarray]
+    ) -> None:
         bad_steps = steps[~finite].tolist()
         if not bad_steps:
             return
@@ -145,7 +150,7 @@ class StepMetrics:
         if not sum(len(p[theory.THEORY_KEYS[0]]) for p in parts):
             logging.warning("epoch ending at step %d had no finite step: no theory record", step)
             return
-        record = {"epoch": step // self._steps_per_epoch}
+        record: dict[str, float] = {"epoch": step // self._steps_per_epoch}
         for key in theory.THEORY_KEYS:
             record[key] = float(np.mean(np.concatenate([p[key] for p in parts])))
         self._writer.write(step, record, tensorboard_prefix="epoch/")
@@ -172,7 +177,7 @@ class ReferenceMonitor:
     the first local device.
     """
 
-    def __init__(self, config, built: step_lib.BuiltStep):
+    def __init__(self, config: ml_collections.ConfigDict, built: step_lib.BuiltStep) -> None:
         size = config_lib.reference_size_for(config)
         batch = next(
             data.train_iterator(
@@ -199,11 +204,13 @@ class ReferenceMonitor:
         self._reference_labels = np.concatenate(labels)[:size]
         model = models.model_from_config(config.model)  # no cross-device BatchNorm
 
-        def project(variables, images):
+        def project(variables: dict[str, Any], images: np.ndarray) -> jax.Array:
             (_, projection), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
             return projection.astype(np.float32)
 
         self._project = jax.jit(project)
+        if built.theory_options is None:
+            raise ValueError("the reference monitor needs the theory monitor's options")
         self._options = built.theory_options
         self._parallel = built.parallel
 
@@ -224,5 +231,12 @@ class ReferenceMonitor:
             }
         z1, z2 = views[: len(self._labels)], views[len(self._labels) :]
         return theory.negative_set_estimates(
-            z1, z2, self._labels, reference, self._reference_labels, **self._options, **queue
+            z1,
+            z2,
+            self._labels,
+            reference,
+            self._reference_labels,
+            beta=self._options["beta"],
+            temperature=self._options["temperature"],
+            **queue,
         )

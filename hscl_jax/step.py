@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -25,6 +25,9 @@ from jax.sharding import PartitionSpec
 
 from hscl_jax import config as config_lib
 from hscl_jax import data, distributed, losses, models, optim, theory
+
+if TYPE_CHECKING:
+    import ml_collections
 
 AXIS_NAME = distributed.AXIS_NAME
 
@@ -90,7 +93,9 @@ def create_train_state(
     )
 
 
-def _momentum_keys(state: TrainState, view2: jax.Array, model, queue_momentum: float):
+def _momentum_keys(
+    state: TrainState, view2: jax.Array, model: models.ContrastiveModel, queue_momentum: float
+) -> tuple[Any, jax.Array]:
     """(the updated momentum variables, stop-gradient keys of ``view2`` embedded by them)."""
     momentum = momentum_update(
         {"params": state.params, "batch_stats": state.batch_stats}, state.momentum, queue_momentum
@@ -131,12 +136,16 @@ def train_step(
     num_images = view1.shape[0]
     # One forward pass over both views: BatchNorm sees (and syncs) the statistics of all 2b views.
     images = jnp.concatenate([view1, view2], axis=0)
-    queue_kwargs = {}
+    queue_kwargs: dict[str, losses.Queue] = {}
     if state.queue is not None:
+        if queue_momentum is None:
+            raise ValueError(
+                "queue_momentum=None: a state with a queue needs the EMA rate in [0, 1)"
+            )
         momentum, keys = _momentum_keys(state, view2, model, queue_momentum)
         queue_kwargs["queue"] = state.queue
 
-    def objective(params):
+    def objective(params: Any) -> tuple[jax.Array, tuple[Any, Any, tuple[jax.Array, jax.Array]]]:
         (_, projection), updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -172,10 +181,11 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def keep_if_bad(new, old):
+    def keep_if_bad(new: Any, old: Any) -> Any:
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-    new_state = state.replace(
+    new_state = dataclasses.replace(
+        state,
         step=state.step + 1,
         params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
         batch_stats=keep_if_bad(batch_stats, state.batch_stats),
@@ -186,8 +196,10 @@ def train_step(
         # ("invarying") so that the pushed queue is a replicated output of the mapped step.
         gathered = lax.all_gather((keys, batch["label"]), axis_name, tiled=True, to="invarying")
         queue = state.queue.push(*gathered)
-        new_state = new_state.replace(
-            queue=keep_if_bad(queue, state.queue), momentum=keep_if_bad(momentum, state.momentum)
+        new_state = dataclasses.replace(
+            new_state,
+            queue=keep_if_bad(queue, state.queue),
+            momentum=keep_if_bad(momentum, state.momentum),
         )
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux._asdict().items()})
@@ -199,7 +211,7 @@ def train_step(
     return new_state, metrics
 
 
-def make_train_step(parallel: distributed.Parallelism, **options: Any) -> Callable:
+def make_train_step(parallel: distributed.Parallelism, **options: Any) -> Callable[..., Any]:
     """:func:`train_step` with its keyword ``options`` bound (``model``, ``tx``, ``loss_name``,
     ``loss_kwargs``, ...), mapped over ``parallel``'s devices: ``(replicated state, batch as
     parallel.put_batch makes it) -> (state, metrics)``. The state is donated: its buffers are
@@ -223,11 +235,11 @@ class BuiltStep:
     loss_options: dict[str, Any]
     theory_options: dict[str, float] | None
     parallel: distributed.Parallelism
-    train_step: Callable  # (replicated state, batch) -> (state, metrics): make_train_step
+    train_step: Callable[..., Any]  # (replicated state, batch) -> (state, metrics): make_train_step
     init_state: Callable[[], TrainState]  # the initial state (config.seed), on the default device
 
 
-def build_step(config, devices) -> BuiltStep:
+def build_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> BuiltStep:
     """Model (with cross-device BatchNorm over AXIS_NAME), optimiser and schedule over the run's
     total steps, and :func:`train_step` mapped over ``devices`` as ``config.parallelism`` says,
     all from ``config``.

@@ -15,7 +15,8 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -35,6 +36,9 @@ from hscl_jax import (
 )
 from hscl_jax import config as config_lib
 from hscl_jax import step as step_lib
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -60,7 +64,7 @@ class Run:
         return self.built.parallel
 
     @property
-    def local_devices(self) -> list:
+    def local_devices(self) -> list[jax.Device]:
         """This process's share of the devices (the leading axis of its batches)."""
         return self.parallel.local_devices
 
@@ -100,7 +104,7 @@ def check_data_opens(config: ml_collections.ConfigDict, num_local_devices: int) 
     ).close()
 
 
-def open_batches(run: Run, start_step: int):
+def open_batches(run: Run, start_step: int) -> Iterator[Any]:
     """The training stream from batch ``start_step`` on, in the form the mapped step takes."""
     config = run.config
     batches = data.train_iterator(
@@ -142,7 +146,9 @@ def write_run_config(run: Run) -> None:
     metrics.write_json_atomic(os.path.join(run.workdir, metrics.CONFIG_JSON), resolved)
 
 
-def init_or_restore(run: Run, manager) -> tuple[int | None, step_lib.TrainState]:
+def init_or_restore(
+    run: Run, manager: ocp.CheckpointManager
+) -> tuple[int | None, step_lib.TrainState]:
     """(step, state) of the newest checkpoint that restores, or (None, the initial state) when
     there is none. Damaged checkpoints are skipped with a warning and set aside (renamed
     ``<step>.damaged``); ConfigError when the checkpoint's structure does not match the config's,
@@ -169,7 +175,15 @@ def init_or_restore(run: Run, manager) -> tuple[int | None, step_lib.TrainState]
     return latest, step_lib.TrainState(**host_state)
 
 
-def run_knn(run: Run, feature_fn, state, writer, step: int, *, write: bool = True) -> dict:
+def run_knn(
+    run: Run,
+    feature_fn: features.FeatureFn,
+    state: step_lib.TrainState,
+    writer: metrics.MetricWriter,
+    step: int,
+    *,
+    write: bool = True,
+) -> dict[str, float]:
     """The kNN monitor on the current (replicated) state, written as the record of ``step``
     (every process computes it: the features are gathered across processes)."""
     start = time.time()
@@ -275,7 +289,13 @@ def _hold_workdir(held: contextlib.ExitStack, run: Run) -> None:
         )
 
 
-def _knn_of_finished_run(run: Run, feature_fn, state, writer, step: int) -> dict[str, float]:
+def _knn_of_finished_run(
+    run: Run,
+    feature_fn: features.FeatureFn,
+    state: step_lib.TrainState,
+    writer: metrics.MetricWriter,
+    step: int,
+) -> dict[str, float]:
     """The kNN monitor at ``step`` of a run with nothing left to train; written only when the run
     has no kNN record of that step yet (it was killed between the last save and the kNN), so a
     rerun adds no duplicate record."""
@@ -285,7 +305,17 @@ def _knn_of_finished_run(run: Run, feature_fn, state, writer, step: int) -> dict
     return run_knn(run, feature_fn, state, writer, step, write=not recorded)
 
 
-def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, start_step, stop):
+def _train_loop(
+    run: Run,
+    manager: ocp.CheckpointManager,
+    writer: metrics.MetricWriter,
+    step_metrics: monitors.StepMetrics,
+    feature_fn: features.FeatureFn,
+    state: step_lib.TrainState,
+    batches: Iterator[Any],
+    start_step: int,
+    stop: preemption.StopSignals,
+) -> tuple[step_lib.TrainState, dict[str, float] | None]:
     """Steps ``start_step + 1 .. total``; returns the state and the last kNN result (or None).
 
     Raises preemption.StopRequested after saving the step at which ``stop`` (a
@@ -321,7 +351,9 @@ def _train_loop(run, manager, writer, step_metrics, feature_fn, state, batches, 
             meta = {"step": step, "config": run.config_json}
             checkpoints.save_checkpoint(manager, step, host, meta)
         if stopping:
-            raise preemption.StopRequested(step, stop.received, str(manager.directory))
+            raise preemption.StopRequested(
+                step, stop.received or "a stop request", str(manager.directory)
+            )
         if eval_due:
             knn = run_knn(run, feature_fn, state, writer, step)
             step_metrics.restart_clock()  # keep evaluation out of steps/s
