@@ -94,9 +94,14 @@ def create_train_state(
 
 
 def _momentum_keys(
-    state: TrainState, view2: jax.Array, model: models.ContrastiveModel, queue_momentum: float
+    state: TrainState,
+    view2: jax.Array,
+    model: models.ContrastiveModel,
+    queue_momentum: float | None,
 ) -> tuple[Any, jax.Array]:
     """(the updated momentum variables, stop-gradient keys of ``view2`` embedded by them)."""
+    if queue_momentum is None:
+        raise ValueError("queue_momentum=None: a state with a queue needs the EMA rate in [0, 1)")
     momentum = momentum_update(
         {"params": state.params, "batch_stats": state.batch_stats}, state.momentum, queue_momentum
     )
@@ -138,10 +143,6 @@ def train_step(
     images = jnp.concatenate([view1, view2], axis=0)
     queue_kwargs: dict[str, losses.Queue] = {}
     if state.queue is not None:
-        if queue_momentum is None:
-            raise ValueError(
-                "queue_momentum=None: a state with a queue needs the EMA rate in [0, 1)"
-            )
         momentum, keys = _momentum_keys(state, view2, model, queue_momentum)
         queue_kwargs["queue"] = state.queue
 

@@ -75,3 +75,26 @@ def temporary_files_under_pytest_basetemp(tmp_path_factory):
         patch.setattr(tempfile, "tempdir", scratch)
         patch.setenv("TMPDIR", scratch)
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache_per_worker(tmp_path_factory):
+    """One persistent compilation cache per test worker, used by its tests and inherited by the
+    train.py subprocesses they start: many tests build the same small programs again (a resumed
+    run, the same tiny config in several files), and XLA compiles dominate the suite. The cache
+    holds executables only, so a hit runs the very program a compile would have produced."""
+    import jax
+
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        previous = (
+            jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs,
+        )
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        yield
+        jax.config.update("jax_compilation_cache_dir", previous[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])

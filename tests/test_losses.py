@@ -548,27 +548,6 @@ def test_dense_vmap_over_beta_equals_one_beta_at_a_time():
 # ----------------------------------------------------------------------------- multi-device
 
 
-@pytest.mark.parametrize("block_size", [None, 5])
-@pytest.mark.parametrize("name,options", _BLOCK_LOSSES, ids=[f"{n}-{o}" for n, o in _BLOCK_LOSSES])
-def test_pmap_equals_one_device_on_the_concatenated_batch(name, options, block_size):
-    devices = jax.local_devices()
-    assert len(devices) == 8, "conftest.py must give 8 fake CPU devices"
-    z1, z2, labels = _random_batch(9, 24, 6, 4)
-    value, (g1, g2) = _value_and_grads(name, z1, z2, labels, **options)
-
-    def per_device(a, b, y):
-        fn = lambda a_, b_: losses.compute(  # noqa: E731
-            name, a_, b_, y, axis_name="batch", block_size=block_size, **options
-        )
-        return jax.value_and_grad(fn, argnums=(0, 1))(a, b)
-
-    shard = lambda x: x.reshape((8, 3) + x.shape[1:])  # noqa: E731
-    values, (p1, p2) = jax.pmap(per_device, axis_name="batch")(shard(z1), shard(z2), shard(labels))
-    np.testing.assert_allclose(values, np.full(8, value), rtol=1e-5)  # global loss everywhere
-    np.testing.assert_allclose(p1.reshape(z1.shape), g1, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(p2.reshape(z2.shape), g2, atol=1e-6, rtol=1e-4)
-
-
 def test_pmap_aux_is_global():
     z1, z2, labels = _random_batch(10, 16, 6, 3)
     _, aux = losses.hscl(z1, z2, labels, beta=1.0, return_aux=True)

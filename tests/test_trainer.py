@@ -131,7 +131,7 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(
     assert {"loss", "knn_top1", "effective_negatives", "learning_rate"} <= tags
 
     # Rerunning the finished run trains nothing, reports the final accuracy again and adds no
-    # record to metrics.jsonl (issue #10: it used to append a second kNN record every time).
+    # record to metrics.jsonl: a second record would duplicate it.
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         logged = f.read()
     again = trainer.train_and_evaluate(config, workdir)
@@ -149,7 +149,7 @@ def test_digits_run_outputs_nonfinite_handling_and_resume(
     assert _checkpoint_steps(workdir) == [2, 4]
 
     # Run 3: a config whose model does not match the checkpoint stops with one clear line, and
-    # leaves every file of the run as it was (issue #10: it used to rewrite config.json).
+    # leaves every file of the run as it was; config.json is not rewritten.
     before = _snapshot(workdir)
     config.model.width = 8
     with pytest.raises(
