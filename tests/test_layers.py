@@ -153,5 +153,7 @@ def test_modules_and_functions_stay_short(path):
 
 def test_the_length_reader_counts_every_line_of_a_function():
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
-    assert _long_functions(f"def short():\n{body[: body.rindex(chr(10))]}\n", 100) == []
-    assert _long_functions(f"class C:\n  def long():\n{body}\n", 100) == ["long (101 lines)"]
+    short = f"def short():\n{body[: body.rindex(chr(10))]}\n"  # the limit exactly
+    assert _long_functions(short, MAX_FUNCTION_LINES) == []
+    long = f"class C:\n  def long():\n{body}\n"  # one line more, as a method
+    assert _long_functions(long, MAX_FUNCTION_LINES) == [f"long ({MAX_FUNCTION_LINES + 1} lines)"]
