@@ -1,9 +1,13 @@
 """Test-wide setup: 8 fake CPU devices for the multi-device tests, and fast XLA compiles.
 
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before anything imports jax.
+The train.py subprocesses that tests start inherit these flags (the launcher sets its own device
+count; a run on fewer devices says so with --config.num_devices).
 """
 
 import os
+import subprocess
+import sys
 
 _TEST_XLA_FLAGS = (
     "--xla_force_host_platform_device_count=8",
@@ -11,11 +15,30 @@ _TEST_XLA_FLAGS = (
     # about 3x the compile time and buy nothing at these sizes.
     "--xla_backend_optimization_level=0",
 )
+# XLA:CPU's older fusion emitters compile these programs in about two thirds of the time
+# (docs/benchmarks.md, "Test suite"). XLA releases that no longer know the flag abort on it, so it
+# is used only where this XLA accepts it.
+_FASTER_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether a CPU backend starts with ``flag`` (XLA aborts the process on a flag it does not
+    know, so the probe runs in a child)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices('cpu')"],
+        env=dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
 _flags = os.environ.get("XLA_FLAGS", "").split()
-os.environ["XLA_FLAGS"] = " ".join(
-    _flags
-    + [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in {g.split("=")[0] for g in _flags}]
-)
+_names = {g.split("=")[0] for g in _flags}
+_flags += [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in _names]
+# Test workers inherit the flags of the session that starts them: one probe per session.
+if _FASTER_COMPILE_FLAG.split("=")[0] not in _names and _xla_accepts(_FASTER_COMPILE_FLAG):
+    _flags.append(_FASTER_COMPILE_FLAG)
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow on 2 cores: keep its logging quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

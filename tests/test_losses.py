@@ -402,24 +402,6 @@ _BLOCK_LOSSES = (
 )
 
 
-@pytest.mark.parametrize("name,options", _BLOCK_LOSSES, ids=[f"{n}-{o}" for n, o in _BLOCK_LOSSES])
-def test_blocked_equals_dense(name, options):
-    z1, z2, labels = _random_batch(7, 20, 8, 4)  # 2B = 40
-    block_sizes = (None, 7, 8, 64)  # one does not divide 2B = 40, one does, one exceeds it
-
-    @jax.jit
-    def every_block_size(a, b):
-        def fn(a_, b_, block_size):
-            return losses.compute(name, a_, b_, labels, block_size=block_size, **options)
-
-        return [jax.value_and_grad(fn, argnums=(0, 1))(a, b, bs) for bs in block_sizes]
-
-    (dense, dense_grads), *blocked = every_block_size(z1, z2)
-    for block_size, (value, grads) in zip(block_sizes[1:], blocked, strict=True):
-        np.testing.assert_allclose(value, dense, rtol=1e-5, err_msg=f"block_size={block_size}")
-        chex.assert_trees_all_close(grads, dense_grads, atol=1e-6, rtol=1e-4)
-
-
 def _largest_intermediate(closed_jaxpr) -> int:
     """The number of entries of the largest value computed anywhere in a jaxpr, nested ones too."""
     biggest = 0
@@ -455,9 +437,13 @@ def test_blocked_never_materialises_the_similarity_matrix():
 
 # ----------------------------------------------------------------------------- dense path
 
-_DENSE_LOSSES = tuple((n, o) for n, o in _BLOCK_LOSSES if n != "supcon") + (
-    ("hscl", {"beta": 0.5, "detach_weights": True}),
-)
+_DENSE_LOSSES = _BLOCK_LOSSES + (("hscl", {"beta": 0.5, "detach_weights": True}),)
+# The backward pass that recomputes the similarities, for the two variants whose weights touch
+# most of it (the tilt with tau_plus and the clamp; partner positives with detached weights).
+_RECOMPUTED_LOSSES = (_BLOCK_LOSSES[2], _BLOCK_LOSSES[4])
+_DENSE_CASES = [("similarities_kept", n, o) for n, o in _DENSE_LOSSES] + [
+    ("similarities_recomputed", n, o) for n, o in _RECOMPUTED_LOSSES
+]
 
 
 @pytest.fixture(params=["similarities_kept", "similarities_recomputed"])
@@ -473,10 +459,17 @@ def dense_chunks_of_3(monkeypatch, request):
     jax.clear_caches()
 
 
-@pytest.mark.parametrize("name,options", _DENSE_LOSSES, ids=[f"{n}-{o}" for n, o in _DENSE_LOSSES])
-def test_dense_backward_equals_autodiff(name, options, dense_chunks_of_3):
-    """The dense path's hand-written backward, walked in chunks of anchors, equals autodiff
-    (the blocked path), for the embeddings and for every traced hyper-parameter."""
+@pytest.mark.parametrize(
+    "dense_chunks_of_3,name,options",
+    _DENSE_CASES,
+    indirect=["dense_chunks_of_3"],
+    ids=[f"{c}-{n}-{o}" for c, n, o in _DENSE_CASES],
+)
+def test_dense_equals_blocked_and_its_backward_equals_autodiff(name, options, dense_chunks_of_3):
+    """The dense path, walked in chunks of anchors, equals the blocked path at a block size
+    that does not divide 2B = 40, one that does and one that exceeds it: the loss, and the
+    gradients of the embeddings and of every traced hyper-parameter (the dense path's backward
+    is hand-written, the blocked one is autodiff)."""
     z1, z2, labels = _random_batch(7, 20, 8, 4)  # 2B = 40
     hyper = {k: v for k, v in options.items() if isinstance(v, float)} | {"temperature": 0.3}
     fixed = {k: v for k, v in options.items() if k not in hyper}
@@ -486,13 +479,16 @@ def test_dense_backward_equals_autodiff(name, options, dense_chunks_of_3):
 
     grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)), static_argnums=3)
     dense, dense_grads = grad(z1, z2, hyper, None)
-    blocked, blocked_grads = grad(z1, z2, hyper, 7)
-    np.testing.assert_allclose(dense, blocked, rtol=1e-5)
-    chex.assert_trees_all_close(dense_grads, blocked_grads, atol=1e-6, rtol=1e-4)
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(dense_grads)), dense_grads
+    for block_size in (7, 8, 64):
+        blocked, blocked_grads = grad(z1, z2, hyper, block_size)
+        np.testing.assert_allclose(dense, blocked, rtol=1e-5, err_msg=f"block_size={block_size}")
+        chex.assert_trees_all_close(dense_grads, blocked_grads, atol=1e-6, rtol=1e-4)
 
     # Concrete hyper-parameters take the static code path; still the same loss and gradients.
-    concrete = jax.value_and_grad(lambda a, b: fn(a, b, hyper, None), argnums=(0, 1))(z1, z2)
+    concrete = jax.jit(jax.value_and_grad(lambda a, b: fn(a, b, hyper, None), argnums=(0, 1)))(
+        z1, z2
+    )
     np.testing.assert_allclose(concrete[0], blocked, rtol=1e-5)
     chex.assert_trees_all_close(concrete[1], blocked_grads[:2], atol=1e-6, rtol=1e-4)
 

@@ -20,6 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 from hscl_jax import losses
 
+# One worker runs the module, so the one-device reference is computed once.
+pytestmark = pytest.mark.xdist_group("losses_parallel")
+
 B, DIM, DEVICES, AXIS = 32, 16, 8, "data"
 QUEUE_SIZE, BLOCK = 12, 24
 
@@ -33,17 +36,15 @@ _LOSSES = {
     "ucl": ("ucl", {}, {"temperature": 0.4}),
     "scl": ("scl", {}, {"temperature": 0.4}),
     "hscl": ("hscl", {}, {"beta": 1.5, "temperature": 0.4}),
-    "hscl-partner-detached": (
+    "hscl-partner-detached-callable": (
         "hscl",
-        {"positives": "partner", "detach_weights": True},
-        {"beta": 1.5, "temperature": 0.4},
+        {"positives": "partner", "detach_weights": True, "hardening": _callable_hardening},
+        {"temperature": 0.4},
     ),
     "hucl": ("hucl", {"tau_plus": 0.1, "clamp": True}, {"beta": 1.5, "temperature": 0.4}),
     "supcon": ("supcon", {}, {"temperature": 0.2}),
     "hscl-topk": ("hscl", {"hardening": "topk", "top_k": 7}, {"temperature": 0.4}),
-    "hscl-poly": ("hscl", {"hardening": "poly"}, {"beta": 2.0, "temperature": 0.4}),
-    "hscl-callable": ("hscl", {"hardening": _callable_hardening}, {"temperature": 0.4}),
-    "hucl-topk": ("hucl", {"hardening": "topk", "top_k": 7}, {"temperature": 0.4}),
+    "hucl-poly": ("hucl", {"hardening": "poly"}, {"beta": 2.0, "temperature": 0.4}),
 }
 _QUEUE_OPTIONS = {"ucl": {"queue_q": "grows"}, "supcon": {"queue_as_positives": True}}
 # Every loss and hardening runs dense and blocked, once with a queue and once without: the

@@ -22,7 +22,7 @@ from hscl_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "multihost_runner.py")
-NUM_STEPS = 20
+NUM_STEPS = 16
 GLOBAL_BATCH = 16
 
 _TINY_FLAGS = [
@@ -39,21 +39,16 @@ _TINY_FLAGS = [
     "--config.knn.eval_batch_size=256",
 ]
 
-# One worker runs the whole module, so the two reference runs and the compilation cache that
-# every later run reuses are made once.
+# One worker runs the whole module, so the two reference runs are made once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
 
-def _run(cache_dir, workdir, *, processes, env_extra=None, launch_flags=(), flags=()):
+def _run(workdir, *, processes, env_extra=None, flags=()):
     """train.py through the recording runner on 1 process x 8 devices or 2 x 4 (the default
     parallelism, "mesh", unless ``flags`` say otherwise)."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=REPO,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         HSCL_TEST_RECORDS=f"{workdir}_records",
     )
     env.update(env_extra or {})
@@ -64,7 +59,6 @@ def _run(cache_dir, workdir, *, processes, env_extra=None, launch_flags=(), flag
             "hscl_jax.launch",
             f"--num_processes={processes}",
             f"--devices_per_process={8 // processes}",
-            *launch_flags,
             "--",
             *command,
         ]
@@ -94,18 +88,12 @@ def _restore(workdir, step):
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    """A persistent compilation cache shared by every run of the module."""
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, jax_cache):
+def runs(tmp_path_factory):
     """{"one": workdir of 1 process x 8 devices, "two": of 2 processes x 4 devices}."""
     root = tmp_path_factory.mktemp("multihost")
     workdirs = {"one": str(root / "one"), "two": str(root / "two")}
     for name, processes in (("one", 1), ("two", 2)):
-        result = _run(jax_cache, workdirs[name], processes=processes)
+        result = _run(workdirs[name], processes=processes)
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     return workdirs
 
@@ -124,11 +112,9 @@ def test_two_processes_end_with_the_parameters_of_one(runs):
         )
 
 
-def test_two_processes_under_pmap_end_with_the_parameters_of_one_on_a_mesh(
-    runs, jax_cache, tmp_path
-):
+def test_two_processes_under_pmap_end_with_the_parameters_of_one_on_a_mesh(runs, tmp_path):
     workdir = str(tmp_path / "pmap")
-    result = _run(jax_cache, workdir, processes=2, flags=["--config.parallelism=pmap"])
+    result = _run(workdir, processes=2, flags=["--config.parallelism=pmap"])
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     one, two = _restore(runs["one"], NUM_STEPS), _restore(workdir, NUM_STEPS)
     for expected, actual in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
@@ -203,43 +189,29 @@ def test_only_process_0_writes_metrics_tensorboard_and_config(runs):
     assert events.endswith(f".{records[0]['pid']}.0")
 
 
-def test_both_processes_save_and_restore_and_resume_exactly_after_a_kill(runs, jax_cache, tmp_path):
-    killed = str(tmp_path / "killed")
-    kill_at = int(0.6 * NUM_STEPS)
-    result = _run(
-        jax_cache,
-        killed,
-        processes=2,
-        env_extra={"HSCL_TEST_KILL_AT_STEP": str(kill_at)},
-    )
+def test_a_kill_then_sigterm_to_one_process_stop_both_and_each_resume_is_exact(runs, tmp_path):
+    """SIGKILL to both processes right after the step-8 save started, then a run resumed from
+    its last checkpoint that gets SIGTERM in process 1 only, then the rest: both processes save,
+    restore and stop at the same step, and the run ends bit-identical to an uninterrupted one."""
+    workdir = str(tmp_path / "interrupted")
+    kill_at = 8  # a checkpoint step (every 4)
+    result = _run(workdir, processes=2, env_extra={"HSCL_TEST_KILL_AT_STEP": str(kill_at)})
     output = result.stdout + result.stderr
     assert result.returncode == 128 + 9, output[-5000:]
-    steps = checkpoints.checkpoint_steps(killed)
-    assert steps and steps[-1] in (kill_at - 4, kill_at), steps
-    result = _run(jax_cache, killed, processes=2)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    for process in (0, 1):
-        assert f"[{process}] " in output
-        assert re.search(rf"\[{process}\] .*Resumed from checkpoint at step {steps[-1]}", output)
-    expected, actual = _restore(runs["two"], NUM_STEPS), _restore(killed, NUM_STEPS)
-    for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
-        np.testing.assert_array_equal(a, e)
+    killed_at = checkpoints.checkpoint_steps(workdir)
+    assert killed_at in ([4], [4, 8]), killed_at  # the step-8 save may be unfinished
 
-
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exact(
-    runs, jax_cache, tmp_path
-):
-    stopped = str(tmp_path / "stopped")
-    signal_at = int(0.6 * NUM_STEPS)
+    signal_at = 9
     result = _run(
-        jax_cache,
-        stopped,
+        workdir,
         processes=2,
         env_extra={"HSCL_TEST_SIGTERM_AT_STEP": str(signal_at), "HSCL_TEST_ONLY_PROCESS": "1"},
     )
     output = result.stdout + result.stderr
     assert result.returncode == preemption.EXIT_STATUS, output[-5000:]
+    for process in (0, 1):
+        resumed = rf"\[{process}\] .*Resumed from checkpoint at step {killed_at[-1]}"
+        assert re.search(resumed, output), output[-5000:]
     # JAX's preemption sync picks the first step both can still stop after: the same for both.
     stops = {
         int(m.group(1)): int(m.group(2))
@@ -247,32 +219,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resuming_is_exac
     }
     assert sorted(stops) == [0, 1], output[-5000:]
     assert stops[0] == stops[1] and signal_at <= stops[0] < NUM_STEPS, stops
-    assert checkpoints.checkpoint_steps(stopped)[-1] == stops[0]
+    assert checkpoints.checkpoint_steps(workdir)[-1] == stops[0]
 
-    result = _run(jax_cache, stopped, processes=2)
+    result = _run(workdir, processes=2)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert f"Resumed from checkpoint at step {stops[0]}" in output
-    expected, actual = _restore(runs["two"], NUM_STEPS), _restore(stopped, NUM_STEPS)
+    expected, actual = _restore(runs["two"], NUM_STEPS), _restore(workdir, NUM_STEPS)
     for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
         np.testing.assert_array_equal(a, e)
-
-
-def test_a_process_dying_alone_stops_the_other_within_the_heartbeat_timeout(jax_cache, tmp_path):
-    heartbeat = 10
-    result = _run(
-        jax_cache,
-        str(tmp_path / "run"),
-        processes=2,
-        env_extra={"HSCL_TEST_KILL_AT_STEP": "12", "HSCL_TEST_ONLY_PROCESS": "1"},
-        # Longer than the heartbeat timeout: process 0 must stop on its own, not by the launcher.
-        launch_flags=(f"--heartbeat_timeout_seconds={heartbeat}", "--grace_seconds=120"),
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 128 + 9, output[-5000:]
-    assert "launch: process 1 failed (killed by SIGKILL)" in output
-    (summary,) = re.findall(r"launch: process 0 ended with (.*), ([\d.]+) s after", output)
-    assert summary[0] == "killed by SIGABRT", output[-5000:]
-    assert float(summary[1]) < heartbeat + 10, output[-5000:]
-    # JAX's reason, in process 0's output.
-    assert "another task died" in output

@@ -352,19 +352,8 @@ def test_imagenet_not_prepared_names_the_manual_download(tmp_path):
 # ----------------------------------------------------------------------------- train.py
 
 
-def _subprocess_env(tmp_path, num_devices):
-    env = dict(os.environ)
-    # Fewer LLVM passes: XLA:CPU compiles ~3x faster; both runs being compared use the same flags.
-    env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return env
-
-
 _TINY_FLAGS = [
+    "--config.num_devices=2",
     "--config.model.width=4",
     "--config.model.head_hidden_dim=16",
     "--config.model.projection_dim=8",
@@ -392,10 +381,10 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def _train(tmp_path, workdir, *, kill_at=None, flags=()):
+def _train(workdir, *, kill_at=None, flags=()):
     """train.py on the default config (on a mesh) on 2 devices, with ``flags`` added."""
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
-    env = _subprocess_env(tmp_path, num_devices=2)
+    env = dict(os.environ)
     if kill_at is not None:
         command[1:2] = ["-c", _KILLING_RUNNER]
         env["HSCL_TEST_KILL_AT_STEP"] = str(kill_at)
@@ -430,10 +419,10 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, dataset, request)
     flags = [] if dataset == "digits" else request.getfixturevalue("prepared_folder_flags")
     reference_dir = str(tmp_path / "uninterrupted")
     killed_dir = str(tmp_path / "killed")
-    result = _train(tmp_path, reference_dir, flags=flags)
+    result = _train(reference_dir, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result = _train(tmp_path, killed_dir, kill_at=6, flags=flags)
+    result = _train(killed_dir, kill_at=6, flags=flags)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoints = os.path.join(killed_dir, "checkpoints")
     # Orbax writes "<step>.orbax-checkpoint-tmp" and renames it to "<step>" once complete; the kill
@@ -445,7 +434,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, dataset, request)
     shutil.copytree(os.path.join(checkpoints, "4"), partial)
     shutil.rmtree(os.path.join(partial, "state"))
 
-    result = _train(tmp_path, killed_dir, flags=flags)
+    result = _train(killed_dir, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from checkpoint at step {4 if unfinished else 6}" in result.stderr
     # Steps logged by the killed run after its last complete checkpoint are logged once, again.
@@ -538,10 +527,10 @@ def test_train_py_refuses_bad_input_in_one_line(case, tmp_path, request):
     if case == "remote data_dir" and not _no_network():
         pytest.skip("storage.googleapis.com resolves here: the check would pass")
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
+    command.append("--config.num_devices=1")
     result = subprocess.run(
         command + flags,
         cwd=REPO,
-        env=_subprocess_env(tmp_path, 1),
         capture_output=True,
         text=True,
         timeout=120,
@@ -556,12 +545,11 @@ def test_train_py_refuses_bad_input_in_one_line(case, tmp_path, request):
         assert not workdir.exists()  # refused before anything was written
 
 
-def _run_train_py_through(runner: str, flags: list[str], tmp_path):
+def _run_train_py_through(runner: str, flags: list[str]):
     """train.py with ``flags`` on one CPU device, run by the Python source ``runner``."""
     return subprocess.run(
-        [sys.executable, "-c", runner, *flags],
+        [sys.executable, "-c", runner, *flags, "--config.num_devices=1"],
         cwd=REPO,
-        env=_subprocess_env(tmp_path, 1),
         capture_output=True,
         text=True,
         timeout=300,
@@ -596,7 +584,7 @@ def test_synthetic_config_trains_without_tensorflow(tmp_path):
         "--config.checkpoint_every_steps=2",
         "--config.knn.k=5",
     ]
-    result = _run_train_py_through(_WITHOUT_TENSORFLOW, flags, tmp_path)
+    result = _run_train_py_through(_WITHOUT_TENSORFLOW, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in _read_metrics(workdir) if "loss" in r] == [1, 2]
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
@@ -628,7 +616,7 @@ def test_prepared_digits_never_imports_tensorflow(tmp_path):
         "--config.num_steps=2",
         "--config.eval_every_steps=2",
     ]
-    result = _run_train_py_through(_REPORTING_TENSORFLOW, flags, tmp_path)
+    result = _run_train_py_through(_REPORTING_TENSORFLOW, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensorflow imported: False" in result.stdout, result.stdout[-3000:]
     # TensorBoard events and the kNN monitor were written all the same.
