@@ -11,13 +11,13 @@ import sys
 
 _TEST_XLA_FLAGS = (
     "--xla_force_host_platform_device_count=8",
-    # The suite is dominated by compiling many small programs; LLVM's optimisation passes cost
-    # about 3x the compile time and buy nothing at these sizes.
+    # The suite is dominated by compiling many small programs; LLVM's optimisation passes are
+    # most of that compile time and buy nothing at these sizes.
     "--xla_backend_optimization_level=0",
 )
-# XLA:CPU's older fusion emitters compile these programs in about two thirds of the time
-# (docs/benchmarks.md, "Test suite"). XLA releases that no longer know the flag abort on it, so it
-# is used only where this XLA accepts it.
+# XLA:CPU's older fusion emitters compile these small programs faster (docs/benchmarks.md, "Test
+# suite"). XLA releases that no longer know the flag abort on it, so it is used only where this
+# XLA accepts it.
 _FASTER_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 
